@@ -1,0 +1,36 @@
+# Two commands a new user needs:  make demo  (the main job on the simulators)  and  make test  (all tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not live"
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python benchmarks/servicenow_hook.py
+	$(BIN)/python benchmarks/defender_extract.py
+	$(BIN)/python benchmarks/device_sync.py
+	$(BIN)/python benchmarks/alert_forwarding.py
+
+clean:
+	rm -rf .demo .pytest_cache

@@ -1,0 +1,99 @@
+"""Settings read from environment variables when DAG files are parsed, validated with clear errors.
+
+Each invalid value raises :class:`ConfigError` naming the variable and the rule, which Airflow shows as
+the DAG's import error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from defender_servicenow.exceptions import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+DEFAULT_SOURCES = "defender_iot_default"
+DEFAULT_SYNC_FREQUENCY_MINUTES = 60
+MIN_SYNC_FREQUENCY_MINUTES = 5
+DEFAULT_SERVICENOW_CONN_ID = "servicenow_default"
+DEFAULT_RULES_FILE = "include/config/forwarding_rules.yaml"
+# What identifies this integration's writes in ServiceNow (cleanup relies on these).
+DEFAULT_SOURCE_NAME = "MicrosoftDefenderIoT"
+DEFAULT_DATA_SOURCE = "Other Automated"
+
+_CONN_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def _env(name: str, environ: dict | None) -> str | None:
+    env = os.environ if environ is None else environ
+    value = env.get(name)
+    if value is None or not value.strip():
+        return None
+    return value.strip()
+
+
+def parse_conn_ids(raw: str, variable: str) -> list[str]:
+    """Split a comma-separated list of connection ids, rejecting empty or malformed entries."""
+    ids = [part.strip() for part in raw.split(",")]
+    if any(not part for part in ids):
+        raise ConfigError(f"{variable}={raw!r}: empty entry; give comma-separated connection ids, e.g. "
+                          "'defender_sensor_1,defender_sensor_2'")
+    for part in ids:
+        if not _CONN_ID.match(part):
+            raise ConfigError(f"{variable}: {part!r} is not a valid connection id (letters, digits, _ . - only)")
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{variable}={raw!r}: a connection id is listed twice")
+    return ids
+
+
+def defender_sources(environ: dict | None = None) -> list[str]:
+    """``DEFENDER_SOURCES``: the Defender connection ids (one management console, or sensors)."""
+    return parse_conn_ids(_env("DEFENDER_SOURCES", environ) or DEFAULT_SOURCES, "DEFENDER_SOURCES")
+
+
+def sync_frequency_minutes(environ: dict | None = None) -> int:
+    """``DEFENDER_SYNC_FREQUENCY_MINUTES``: integer, minimum 5, default 60."""
+    raw = _env("DEFENDER_SYNC_FREQUENCY_MINUTES", environ)
+    if raw is None:
+        return DEFAULT_SYNC_FREQUENCY_MINUTES
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(
+            f"DEFENDER_SYNC_FREQUENCY_MINUTES={raw!r} is not a whole number of minutes; "
+            f"it must be an integer of at least {MIN_SYNC_FREQUENCY_MINUTES} (default {DEFAULT_SYNC_FREQUENCY_MINUTES})"
+        ) from None
+    if value < MIN_SYNC_FREQUENCY_MINUTES:
+        raise ConfigError(
+            f"DEFENDER_SYNC_FREQUENCY_MINUTES={value} is too small; it must be an integer of at least "
+            f"{MIN_SYNC_FREQUENCY_MINUTES} (default {DEFAULT_SYNC_FREQUENCY_MINUTES})"
+        )
+    return value
+
+
+def servicenow_conn_id(environ: dict | None = None) -> str:
+    """``SERVICENOW_CONN_ID``: the ServiceNow connection the DAGs use unless a rule names another."""
+    value = _env("SERVICENOW_CONN_ID", environ) or DEFAULT_SERVICENOW_CONN_ID
+    ids = parse_conn_ids(value, "SERVICENOW_CONN_ID")
+    if len(ids) != 1:
+        raise ConfigError(f"SERVICENOW_CONN_ID={value!r}: give exactly one connection id")
+    return ids[0]
+
+
+def rules_file(environ: dict | None = None) -> Path:
+    """``DEFENDER_FORWARDING_RULES_FILE``: path of the forwarding rules file (relative to the project root)."""
+    raw = _env("DEFENDER_FORWARDING_RULES_FILE", environ) or DEFAULT_RULES_FILE
+    path = Path(raw)
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def source_name(environ: dict | None = None) -> str:
+    """``SERVICENOW_SOURCE_NAME``: ``sys_object_source`` name that marks the CIs this integration wrote."""
+    return _env("SERVICENOW_SOURCE_NAME", environ) or DEFAULT_SOURCE_NAME
+
+
+def data_source(environ: dict | None = None) -> str:
+    """``SERVICENOW_DATA_SOURCE``: IRE ``sysparm_data_source`` (a ``cmdb_ci.discovery_source`` choice)."""
+    return _env("SERVICENOW_DATA_SOURCE", environ) or DEFAULT_DATA_SOURCE
