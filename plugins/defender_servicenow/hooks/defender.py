@@ -1,0 +1,575 @@
+"""DefenderIoTHook: I/O with a Microsoft Defender for IoT OT sensor (``/api/...``) or on-premises management
+console (``/external/...``), returning normalised :mod:`defender_servicenow.models` records.
+
+Inventory extraction never holds the whole inventory twice:
+
+* sensor: ``GET /api/v1/devices`` is one (unpaged) JSON array; it is read from the response stream and
+  split into items as they arrive (:func:`iter_json_array`), each turned into a :class:`Device` and yielded.
+* management console: the paged v3 integration API (``/external/v3/integration/devices/0``) is the
+  primary inventory (site/zone names, Purdue layer, category, first/last seen, sensor); what only
+  ``/external/v1/devices`` has (firmware, authorized, scanner, engineering station, dynamic address,
+  site/zone ids) is streamed first into a compact per-device tuple (not a model, not the raw JSON), then
+  merged into each v3 page and dropped from the side table as it is used. Peak memory is one v3 page plus
+  that side table (a few hundred bytes per device, more for devices with firmware modules).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from airflow.sdk import BaseHook
+
+from defender_servicenow.exceptions import (
+    ConfigError,
+    DefenderAuthError,
+    DefenderBadResponseError,
+    DefenderCertificateError,
+    DefenderError,
+    DefenderUnreachableError,
+    DefenderWrongApplianceError,
+)
+from defender_servicenow.hooks._http import build_session, make_retry, parse_number, parse_verify
+from defender_servicenow.models import (
+    Alert,
+    Device,
+    InvalidRecord,
+    datetime_to_ms,
+    merge_v1_extras,
+    parse_alert,
+    parse_device,
+    parse_v3_device,
+    v1_extras,
+)
+
+SENSOR = "sensor"
+MANAGEMENT_CONSOLE = "management_console"
+APPLIANCES = (SENSOR, MANAGEMENT_CONSOLE)
+HANDLE_ACTIONS = ("handle", "handleAndLearn")
+_KIND = {SENSOR: "an OT sensor", MANAGEMENT_CONSOLE: "an on-premises management console"}
+_TOKEN_HELP = ("generate a new token on the appliance under System Settings > Integrations > Access Tokens "
+               "and put it in the connection's password field")
+MAX_ITEM_CHARS = 16 * 1024 * 1024
+
+
+def iter_json_array(chunks: Iterable[bytes], *, max_item_chars: int = MAX_ITEM_CHARS) -> Iterator[Any]:
+    """Yield the items of a JSON array read from ``chunks`` of bytes, one at a time.
+
+    Chunk boundaries may fall anywhere (inside strings, numbers, multi-byte UTF-8 characters): each item is
+    decoded with ``json.JSONDecoder.raw_decode`` once it is complete, and only the unread rest of the text
+    is kept. Raises ``ValueError`` when the text is not a JSON array, an item is malformed or longer than
+    ``max_item_chars``, or the array is cut off.
+    """
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    source = iter(chunks)
+    buf, pos, eof = "", 0, False
+    state = "start"  # start -> first -> (item -> sep)* -> done
+    while True:
+        while pos < len(buf) and buf[pos] in " \t\r\n":
+            pos += 1
+        need_more = pos >= len(buf)
+        if not need_more:
+            char = buf[pos]
+            if state == "done":
+                raise ValueError(f"unexpected data after the JSON array: {buf[pos:pos + 60]!r}")
+            if state == "start":
+                if char != "[":
+                    raise ValueError(f"expected a JSON array, got {buf[pos:pos + 60]!r}")
+                pos, state = pos + 1, "first"
+                continue
+            if char == "]" and state in ("first", "sep"):
+                pos, state = pos + 1, "done"
+                continue
+            if state == "sep":
+                if char != ",":
+                    raise ValueError(f"expected ',' or ']' after an array item, got {buf[pos:pos + 60]!r}")
+                pos, state = pos + 1, "item"
+                continue
+            try:
+                item, end = decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError as exc:
+                if eof:
+                    if exc.pos >= len(buf.rstrip()) or exc.msg.startswith("Unterminated string"):
+                        raise ValueError("the JSON array was cut off inside an item") from None
+                    raise ValueError(f"malformed array item ({exc.msg}): {buf[pos:pos + 60]!r}") from None
+                if len(buf) - pos > max_item_chars:
+                    raise ValueError(f"an array item is longer than {max_item_chars} characters") from None
+                need_more = True
+            else:
+                # a number followed by nothing yet (or by "." / "e" ...) may go on in the next chunk
+                number = isinstance(item, (int, float)) and not isinstance(item, bool)
+                if eof or (end < len(buf) and (not number or buf[end] in " \t\r\n,]")):
+                    yield item
+                    pos, state = end, "sep"
+                    continue
+                need_more = True
+        if eof:
+            if state == "done":
+                return
+            raise ValueError("the answer was empty" if state == "start" and not buf.strip()
+                             else "the JSON array was cut off before its end")
+        try:
+            chunk = next(source)
+        except StopIteration:
+            eof, text = True, utf8.decode(b"", final=True)
+        else:
+            text = utf8.decode(chunk)
+        buf, pos = buf[pos:] + text, 0
+
+
+def _parse_verify(value: Any, conn_id: str) -> bool | str:
+    verify = parse_verify(value)
+    if isinstance(verify, bool):
+        return verify
+    text = verify
+    if not Path(text).is_file():
+        raise ConfigError(f"Connection {conn_id!r}: extra 'verify' is {text!r}, which is neither true/false "
+                          "nor an existing CA bundle file; give the path of the appliance's CA certificate (PEM)")
+    return text
+
+
+class DefenderIoTHook(BaseHook):
+    """Read devices and alerts from a Defender for IoT OT sensor or on-premises management console.
+
+    :param defender_conn_id: connection of type ``defender_iot``: host = appliance URL, password = API
+        access token (sent raw in ``Authorization``), extras ``appliance`` (``sensor`` | ``management_console``),
+        ``name``, ``verify`` (true/false/CA bundle path), ``proxy``, ``timeout`` (seconds, default 30).
+    :param page_size: page size for the management console v3 integration API.
+    :param retries: retries of connection errors and 429/502/503/504 answers (exponential back-off,
+        ``Retry-After`` honoured; see ``hooks/_http.py``), within ``max_retry_time`` seconds per call.
+
+    Nothing is looked up at construction; the connection is read on first use.
+    """
+
+    conn_name_attr = "defender_conn_id"
+    default_conn_name = "defender_iot_default"
+    conn_type = "defender_iot"
+    hook_name = "Microsoft Defender for IoT"
+
+    def __init__(self, defender_conn_id: str = default_conn_name, *, page_size: int = 1000, retries: int = 5,
+                 backoff_factor: float = 0.5, max_retry_time: float = 120.0, chunk_size: int = 256 * 1024) -> None:
+        super().__init__()
+        self.defender_conn_id = defender_conn_id
+        self.page_size = page_size
+        self.retries = retries
+        self.backoff_factor = backoff_factor
+        self.max_retry_time = max_retry_time
+        self.chunk_size = chunk_size
+        self._requests = 0
+
+    # ------------------------------------------------------------------ connection
+
+    @cached_property
+    def _settings(self) -> dict:
+        conn = self.get_connection(self.defender_conn_id)
+        extra = conn.extra_dejson or {}
+        cid = self.defender_conn_id
+        host = (conn.host or "").strip().rstrip("/")
+        if not host:
+            raise ConfigError(f"Connection {cid!r} has no host; set it to the appliance URL, e.g. https://10.1.0.2")
+        if "://" not in host:
+            host = f"https://{host}{f':{conn.port}' if conn.port else ''}"
+        if not conn.password:
+            raise ConfigError(f"Connection {cid!r} has no API access token in its password field; {_TOKEN_HELP}")
+        appliance = (extra.get("appliance") or SENSOR).strip().lower()
+        if appliance not in APPLIANCES:
+            raise ConfigError(f"Connection {cid!r}: extra 'appliance' is {appliance!r}; "
+                              "use 'sensor' or 'management_console'")
+        try:
+            timeout = parse_number(extra.get("timeout"), 30.0, field="timeout")
+        except ValueError as exc:
+            raise ConfigError(f"Connection {cid!r}: {exc} (seconds per request, default 30)") from None
+        return {
+            "base_url": host, "token": conn.password, "appliance": appliance,
+            "name": (extra.get("name") or "").strip() or (urlsplit(host).hostname or host),
+            "verify": _parse_verify(extra.get("verify"), cid), "proxy": extra.get("proxy") or None,
+            "timeout": timeout,
+        }
+
+    @property
+    def appliance(self) -> str:
+        """``sensor`` or ``management_console`` (connection extra ``appliance``)."""
+        return self._settings["appliance"]
+
+    @property
+    def appliance_name(self) -> str:
+        """Display name: connection extra ``name``, else the host."""
+        return self._settings["name"]
+
+    @property
+    def base_url(self) -> str:
+        return self._settings["base_url"]
+
+    @property
+    def request_count(self) -> int:
+        """Requests sent so far (retries not counted)."""
+        return self._requests
+
+    def get_conn(self) -> requests.Session:
+        """Return the configured requests session (token header, TLS, proxy, retries)."""
+        return self._session
+
+    @cached_property
+    def _session(self) -> requests.Session:
+        settings = self._settings
+        retry = make_retry(total=self.retries, backoff_factor=self.backoff_factor,
+                           max_retry_time=self.max_retry_time)
+        session = build_session(verify=settings["verify"], proxy=settings["proxy"], retry=retry, pool_size=4)
+        session.headers["Authorization"] = settings["token"]  # raw token, no scheme (documented)
+        return session
+
+    # ------------------------------------------------------------------ transport
+
+    def _request(self, method: str, path: str, *, params: dict | None = None, body: dict | None = None,
+                 stream: bool = False) -> requests.Response:
+        settings = self._settings
+        url = settings["base_url"] + path
+        self._requests += 1
+        try:
+            response = self._session.request(
+                method, url, params=params, json=body, stream=stream, verify=settings["verify"],
+                proxies=self._session.proxies or None, timeout=(settings["timeout"], settings["timeout"]))
+        except requests.exceptions.SSLError:
+            raise DefenderCertificateError(
+                f"The TLS certificate of {settings['base_url']} could not be verified. Appliances usually have "
+                f"self-signed certificates: export the appliance's certificate (or its CA) as PEM and set the "
+                f"connection extra 'verify' to that file's path (or, for a lab only, to false)."
+            ) from None
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise DefenderUnreachableError(
+                f"Could not reach the Defender for IoT appliance at {settings['base_url']} after "
+                f"{self.retries} retries ({type(exc).__name__}); check the connection host, that the appliance "
+                f"is up and reachable from Airflow, and the proxy/timeout extras."
+            ) from None
+        self._check_status(response, path)
+        return response
+
+    def _check_status(self, response: requests.Response, path: str) -> None:
+        status = response.status_code
+        if status < 400:
+            return
+        excerpt = _excerpt(response)
+        response.close()
+        kind = _KIND[self.appliance]
+        if status in (401, 403):
+            raise DefenderAuthError(
+                f"{self.base_url} rejected the API access token (HTTP {status}) for connection "
+                f"{self.defender_conn_id!r}; {_TOKEN_HELP}.", status=status)
+        if status in (404, 405) and path.startswith(("/api/", "/external/")):
+            other = MANAGEMENT_CONSOLE if self.appliance == SENSOR else SENSOR
+            raise DefenderWrongApplianceError(
+                f"{self.base_url} answered HTTP {status} to {path}: it does not look like {kind} "
+                f"(perhaps it is {_KIND[other]}). Set the connection extra 'appliance' of "
+                f"{self.defender_conn_id!r} to '{other}' if so, or check the host.", status=status)
+        raise DefenderError(f"{self.base_url} answered HTTP {status} to {response.request.method} {path}: "
+                            f"{excerpt}", status=status)
+
+    def _json(self, method: str, path: str, **kw) -> Any:
+        response = self._request(method, path, **kw)
+        text = response.content[:200]
+        _reject_html(response, text, self.base_url, path)
+        try:
+            return response.json()
+        except ValueError:
+            raise DefenderBadResponseError(
+                f"{self.base_url} answered {path} with invalid JSON; it starts with {_first(text)}",
+                status=response.status_code
+            ) from None
+
+    def _stream_array(self, path: str, params: dict | None = None) -> Iterator[Any]:
+        """GET ``path`` and yield the items of its JSON array answer as they arrive."""
+        response = self._request("GET", path, params=params, stream=True)
+        with response:
+            head = bytearray()
+
+            def chunks() -> Iterator[bytes]:
+                for chunk in response.iter_content(chunk_size=self.chunk_size):
+                    if len(head) < 200:
+                        head.extend(chunk[:200 - len(head)])
+                        _reject_html(response, bytes(head), self.base_url, path)
+                    yield chunk
+
+            try:
+                yield from iter_json_array(chunks())
+            except ValueError as exc:
+                raise DefenderBadResponseError(
+                    f"{self.base_url} answered {path} with something that is not the documented JSON array "
+                    f"({exc}); it starts with {_first(bytes(head))}", status=response.status_code) from None
+            except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError):
+                raise DefenderUnreachableError(
+                    f"The connection to {self.base_url} dropped while reading {path}; nothing after that point "
+                    f"was read. Try again; if it keeps happening raise the 'timeout' extra.") from None
+
+    def _require(self, appliance: str, what: str) -> None:
+        if self.appliance != appliance:
+            raise DefenderWrongApplianceError(
+                f"{what} needs {_KIND[appliance]}, but connection {self.defender_conn_id!r} is configured as "
+                f"{_KIND[self.appliance]} (extra 'appliance').")
+
+    # ------------------------------------------------------------------ devices
+
+    def iter_devices(self, authorized: bool | None = None, *, site_ids: Iterable[int] | None = None,
+                     zone_ids: Iterable[int] | None = None, sensor_ids: Iterable[int] | None = None
+                     ) -> Iterator[Device | InvalidRecord]:
+        """The complete inventory, streamed (site/zone/sensor filters: management console only)."""
+        src, name = self.defender_conn_id, self.appliance_name
+        counts = {"devices": 0, "invalid": 0}
+        if self.appliance == SENSOR:
+            if site_ids or zone_ids or sensor_ids:
+                raise DefenderWrongApplianceError("site/zone/sensor filters need a management console; "
+                                                  f"{src!r} is a sensor")
+            params = None if authorized is None else {"authorized": str(authorized).lower()}
+            for raw in self._stream_array("/api/v1/devices", params):
+                record = parse_device(raw, source=src, appliance_name=name, sensor_name=name)
+                counts["devices" if isinstance(record, Device) else "invalid"] += 1
+                yield record
+        else:
+            yield from self._iter_cm_devices(authorized, site_ids, zone_ids, sensor_ids, counts)
+        self.log.info("Read %d devices from %s (%s), %d invalid records", counts["devices"], src,
+                      self.appliance, counts["invalid"])
+
+    def _iter_cm_devices(self, authorized, site_ids, zone_ids, sensor_ids, counts) -> Iterator:
+        src, name = self.defender_conn_id, self.appliance_name
+        sensor_names = self._sensor_names()
+        params: dict[str, str] = {}
+        if authorized is not None:
+            params["authorized"] = str(authorized).lower()
+        for key, ids in (("siteId", site_ids), ("zoneId", zone_ids), ("sensorId", sensor_ids)):
+            if ids:
+                params[key] = ",".join(str(int(i)) for i in ids)
+        filtered = bool(params)
+        # 1. what only v1 has, compactly, per device id
+        extras: dict[int, tuple] = {}
+        v1_invalid = 0
+        for raw in self._stream_array("/external/v1/devices", params or None):
+            record = parse_device(raw, source=src, appliance_name=name, sensor_names=sensor_names)
+            if isinstance(record, Device):
+                extras[record.id] = v1_extras(record)
+            else:
+                v1_invalid += 1
+        if v1_invalid:
+            self.log.warning("%d records of /external/v1/devices on %s could not be parsed; those devices get "
+                             "no firmware/authorized/scanner values", v1_invalid, src)
+        # 2. the v3 inventory, page by page, merged
+        seen: set[int] = set()
+        v3_sensor = ",".join(str(int(i)) for i in sensor_ids) if sensor_ids else None
+        for raw in self._iter_v3_devices(0, v3_sensor):
+            record = parse_v3_device(raw, source=src, appliance_name=name, sensor_names=sensor_names)
+            if isinstance(record, InvalidRecord):
+                counts["invalid"] += 1
+                yield record
+                continue
+            if record.id in seen:
+                continue
+            seen.add(record.id)
+            extra = extras.pop(record.id, None)
+            if filtered and extra is None:
+                continue
+            counts["devices"] += 1
+            yield merge_v1_extras(record, extra)
+        if extras:
+            self.log.info("%d devices listed by /external/v1/devices on %s were not in the v3 inventory "
+                          "(deleted meanwhile?); skipped", len(extras), src)
+
+    def _iter_v3_devices(self, since_ms: int, sensor_id: str | None = None) -> Iterator[Any]:
+        page, read = 0, 0
+        while True:
+            params: dict[str, Any] = {"page": page, "size": self.page_size}
+            if sensor_id:
+                params["sensorId"] = sensor_id
+            path = f"/external/v3/integration/devices/{since_ms}"
+            body = self._json("GET", path, params=params)
+            if not isinstance(body, dict) or not isinstance(body.get("u_devices"), list):
+                raise DefenderBadResponseError(f"{self.base_url} answered {path} without a 'u_devices' list; "
+                                               f"it starts with {_first(json.dumps(body)[:80].encode())}")
+            items = body["u_devices"]
+            total = body.get("u_count")
+            yield from items
+            read += len(items)
+            page += 1
+            if not items or len(items) < self.page_size or (isinstance(total, int) and read >= total):
+                return
+
+    def iter_devices_changed_since(self, ts: datetime) -> Iterator[Device | InvalidRecord]:
+        """Devices new or updated after ``ts`` (management console v3 only).
+
+        v3 records carry no firmware/authorized/scanner/engineering station/site and zone ids: those are None
+        (unknown) on these devices, not False.
+        """
+        self._require(MANAGEMENT_CONSOLE, "Delta extraction (v3 integration API)")
+        src, name = self.defender_conn_id, self.appliance_name
+        sensor_names = self._sensor_names()
+        count = 0
+        for raw in self._iter_v3_devices(datetime_to_ms(ts)):
+            count += 1
+            yield parse_v3_device(raw, source=src, appliance_name=name, sensor_names=sensor_names)
+        self.log.info("%d devices changed on %s since %s", count, src, ts.isoformat())
+
+    def deleted_device_ids(self, since: datetime) -> list[int]:
+        """Ids of devices deleted after ``since`` (management console v3 only)."""
+        self._require(MANAGEMENT_CONSOLE, "Deleted-device extraction (v3 integration API)")
+        path = f"/external/v3/integration/deleteddevices/{datetime_to_ms(since)}"
+        body = self._json("GET", path)
+        if not isinstance(body, list):
+            raise DefenderBadResponseError(f"{self.base_url} answered {path} with a {type(body).__name__}, "
+                                           "not the documented list of {{u_id}}")
+        ids = sorted({int(item["u_id"]) for item in body
+                      if isinstance(item, dict) and isinstance(item.get("u_id"), int)})
+        self.log.info("%d devices deleted on %s since %s", len(ids), self.defender_conn_id, since.isoformat())
+        return ids
+
+    def get_sensors(self) -> list[dict]:
+        """The management console's sensors (``/external/v3/integration/sensors``, ``u_*`` fields)."""
+        self._require(MANAGEMENT_CONSOLE, "Listing sensors")
+        body = self._json("GET", "/external/v3/integration/sensors")
+        if not isinstance(body, list):
+            raise DefenderBadResponseError(f"{self.base_url} answered the sensors list with a "
+                                           f"{type(body).__name__}, not a list")
+        return [item for item in body if isinstance(item, dict)]
+
+    def get_appliances(self) -> list[dict]:
+        """The management console's sensors as ``/external/v1/appliances`` lists them (raw)."""
+        self._require(MANAGEMENT_CONSOLE, "Listing appliances")
+        body = self._json("GET", "/external/v1/appliances")
+        return [item for item in body if isinstance(item, dict)] if isinstance(body, list) else []
+
+    def _sensor_names(self) -> dict[int, str]:
+        names = {}
+        for sensor in self.get_sensors():
+            if isinstance(sensor.get("u_id"), int) and sensor.get("u_name"):
+                names[sensor["u_id"]] = str(sensor["u_name"])
+        return names
+
+    def iter_device_connections(self, device_id: int | None = None, *, last_active_minutes: int | None = None,
+                                discovered_after: datetime | None = None) -> Iterator[dict]:
+        """Sensor device connections (raw ``firstDeviceId``/``secondDeviceId``/``lastSeen``/... objects)."""
+        self._require(SENSOR, "Device connections")
+        path = f"/api/v1/devices/{int(device_id)}/connections" if device_id is not None \
+            else "/api/v1/devices/connections"
+        params: dict[str, Any] = {}
+        if last_active_minutes is not None:
+            params["lastActiveInMinutes"] = int(last_active_minutes)
+        if discovered_after is not None:
+            params["discoveredAfter"] = datetime_to_ms(discovered_after)
+        yield from (c for c in self._stream_array(path, params or None) if isinstance(c, dict))
+
+    def iter_device_cves(self, top: int | None = None) -> Iterator[dict]:
+        """Sensor CVEs per device IP (raw ``cveId``/``ipAddress``/``score``/... objects)."""
+        self._require(SENSOR, "Device CVEs")
+        params = {"top": int(top)} if top is not None else None
+        yield from (c for c in self._stream_array("/api/v1/devices/cves", params) if isinstance(c, dict))
+
+    # ------------------------------------------------------------------ alerts
+
+    def get_alerts(self, from_time: datetime | None = None, to_time: datetime | None = None,
+                   state: str | None = None, *, site_id: int | None = None, zone_id: int | None = None,
+                   sensor_id: int | None = None) -> list[Alert | InvalidRecord]:
+        """v2 alerts, sorted by (time, id); invalid records at the end.
+
+        :param state: ``handled`` or ``unhandled`` (None: both).
+        :param site_id, zone_id, sensor_id: management console filters.
+        """
+        if state not in (None, "handled", "unhandled"):
+            raise ConfigError(f"state must be 'handled', 'unhandled' or None, not {state!r}")
+        params: dict[str, Any] = {}
+        if state:
+            params["state"] = state
+        if from_time is not None:
+            params["fromTime"] = datetime_to_ms(from_time)
+        if to_time is not None:
+            params["toTime"] = datetime_to_ms(to_time)
+        if self.appliance == SENSOR:
+            if site_id is not None or zone_id is not None or sensor_id is not None:
+                raise DefenderWrongApplianceError("site/zone/sensor alert filters need a management console")
+            path, sensor_names = "/api/v2/alerts", None
+        else:
+            path = "/external/v2/alerts"
+            for key, value in (("siteId", site_id), ("zoneId", zone_id), ("sensor", sensor_id)):
+                if value is not None:
+                    params[key] = int(value)
+            sensor_names = None  # v2 carries sensorName
+        body = self._json("GET", path, params=params or None)
+        if not isinstance(body, list):
+            raise DefenderBadResponseError(f"{self.base_url} answered {path} with a {type(body).__name__}, "
+                                           "not the documented list of alerts")
+        handled = None if state is None else state == "handled"
+        records = [parse_alert(raw, source=self.defender_conn_id, sensor_name=self.appliance_name
+                               if self.appliance == SENSOR else None, sensor_names=sensor_names, handled=handled,
+                               derive_uuid=self.appliance == MANAGEMENT_CONSOLE)
+                   for raw in body]
+        alerts = sorted((r for r in records if isinstance(r, Alert)), key=lambda a: (a.time, a.id))
+        invalid = [r for r in records if isinstance(r, InvalidRecord)]
+        self.log.info("Read %d alerts from %s (%s)%s", len(alerts), self.defender_conn_id, path,
+                      f", {len(invalid)} invalid records" if invalid else "")
+        return [*alerts, *invalid]
+
+    def handle_alert(self, uuid: str, action: str = "handle") -> str:
+        """Handle (``handle``) or handle-and-learn (``handleAndLearn``) an alert on the management console.
+
+        Returns the console's message, e.g. "Alert update request finished successfully".
+        """
+        self._require(MANAGEMENT_CONSOLE, "Handling alerts")
+        if action not in HANDLE_ACTIONS:
+            raise ConfigError(f"action must be one of {', '.join(HANDLE_ACTIONS)}, not {action!r}")
+        path = f"/external/v1/alerts/{requests.utils.quote(str(uuid), safe='')}"
+        try:
+            body = self._json("PUT", path, body={"action": action})
+        except DefenderError as exc:
+            if exc.status == 500:
+                raise DefenderError(f"The management console refused to {action} alert {uuid}: {exc}",
+                                    status=500) from None
+            raise
+        message = body.get("content") or body.get("error") if isinstance(body, dict) else None
+        if isinstance(body, dict) and body.get("error"):
+            raise DefenderError(f"The management console refused to {action} alert {uuid}: {body['error']}")
+        self.log.info("Alert %s on %s: %s (%s)", uuid, self.defender_conn_id, action, message)
+        return str(message or "")
+
+    # ------------------------------------------------------------------ connection test
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Check the URL, token and appliance kind with one small request."""
+        try:
+            now = datetime_to_ms(datetime.now(timezone.utc))
+            if self.appliance == SENSOR:
+                self._json("GET", "/api/v1/alerts", params={"fromTime": now})
+                return True, f"Connected to the OT sensor {self.appliance_name} at {self.base_url}."
+            sensors = self.get_sensors()
+            return True, (f"Connected to the management console {self.appliance_name} at {self.base_url} "
+                          f"({len(sensors)} sensors).")
+        except (DefenderError, ConfigError) as exc:
+            return False, str(exc)
+
+
+def _first(data: bytes) -> str:
+    text = data[:120].decode("utf-8", errors="replace")
+    return repr(text) if text else "nothing (empty answer)"
+
+
+def _excerpt(response: requests.Response) -> str:
+    try:
+        body = response.json()
+        if isinstance(body, dict) and (body.get("error") or body.get("content")):
+            return str(body.get("error") or body.get("content"))[:200]
+    except ValueError:
+        pass
+    try:
+        return _first(response.content[:200])
+    except requests.exceptions.RequestException:
+        return "(no readable body)"
+
+
+def _reject_html(response: requests.Response, head: bytes, base_url: str, path: str) -> None:
+    ctype = response.headers.get("Content-Type", "").lower()
+    if "html" in ctype or head.lstrip()[:1] == b"<":
+        raise DefenderBadResponseError(
+            f"{base_url} answered {path} with an HTML page instead of JSON (a login page, proxy or wrong URL?); "
+            f"it starts with {_first(head)}", status=response.status_code)
