@@ -206,5 +206,9 @@ def index_candidates(parsed: ParsedQuery, indexed: set[str], valid: Callable[[st
     return None
 
 
+_PLAIN_NUMBER = re.compile(r"^-?\d{1,15}(\.\d+)?$")
+
+
 def sort_key(value: str):
-    return (0, float(value), "") if _num(value) is not None else (1, 0.0, value)
+    # Only plain decimal numbers sort numerically: a sys_id such as "4885e426..." is text, not 4885e426.
+    return (0, float(value), "") if value and _PLAIN_NUMBER.match(value) else (1, 0.0, value or "")
