@@ -1,0 +1,108 @@
+"""defender_alert_forwarding: forward new Defender for IoT alerts to ServiceNow, following forwarding rules.
+
+Started by new alerts: ``DefenderAlertTrigger`` (run by the triggerer through an AssetWatcher) polls every
+source each ``DEFENDER_ALERT_POLL_SECONDS`` and wakes this DAG. The task then re-reads the alerts from its
+own durable watermark, applies the rules of ``DEFENDER_FORWARDING_RULES_FILE`` (validated when this file is
+parsed) and creates one incident / application-table record per alert and destination, exactly once.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Asset, AssetWatcher, Param, dag, task
+from defender_servicenow import settings
+from defender_servicenow.rules import load_rules
+from defender_servicenow.triggers.alerts import DefenderAlertTrigger
+
+SOURCES = settings.defender_sources()
+SERVICENOW_CONN_ID = settings.servicenow_conn_id()
+RULES = load_rules(settings.rules_file(), default_connection_id=SERVICENOW_CONN_ID)
+
+ALERTS = Asset(
+    name="defender_iot_alerts",
+    watchers=[AssetWatcher(
+        name="defender_alert_poller",
+        trigger=DefenderAlertTrigger(sources=SOURCES, poll_interval=settings.alert_poll_seconds(),
+                                     rule_names=[r.name for r in RULES.enabled]),
+    )],
+)
+
+
+def _parse_params(params: dict) -> dict:
+    """since/until (ISO-8601) and sources, checked; plain errors for people."""
+    from defender_servicenow.exceptions import ConfigError
+
+    def when(name: str):
+        raw = params.get(name)
+        if raw in (None, ""):
+            return None
+        try:
+            value = pendulum.parse(str(raw))
+        except ValueError:
+            raise ConfigError(f"param {name}={raw!r} is not an ISO-8601 date-time, e.g. 2025-03-01T12:00:00Z") from None
+        if not isinstance(value, pendulum.DateTime):
+            raise ConfigError(f"param {name}={raw!r} must be a date-time, not a date or a duration")
+        return value.in_timezone("UTC") if value.tzinfo else value.replace(tzinfo=pendulum.UTC)
+
+    since, until = when("since"), when("until")
+    if until and not since:
+        raise ConfigError("param until needs since: give the start of the window to replay")
+    if since and until and since >= until:
+        raise ConfigError(f"param since ({since.isoformat()}) must be before until ({until.isoformat()})")
+    sources = list(params.get("sources") or []) or SOURCES
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown:
+        raise ConfigError(f"param sources: {', '.join(unknown)} not in DEFENDER_SOURCES ({', '.join(SOURCES)})")
+    return {"since": since, "until": until, "sources": sources, "dry_run": bool(params.get("dry_run"))}
+
+
+@dag(
+    dag_id="defender_alert_forwarding",
+    schedule=[ALERTS],
+    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["defender-iot", "servicenow", "alerts"],
+    doc_md=__doc__,
+    params={
+        "since": Param(None, type=["null", "string"], title="Replay from (ISO-8601)",
+                       description="Replay the alerts raised from this time; rules then apply regardless of when "
+                                   "they were created. Empty: forward what is new since the last run."),
+        "until": Param(None, type=["null", "string"], title="Replay until (ISO-8601)",
+                       description="End of the replay window (default: now). Needs since."),
+        "dry_run": Param(False, type="boolean", description="Report what would be forwarded; write nothing."),
+        "sources": Param([], type="array", items={"type": "string"},
+                         description="Defender connection ids to read; empty = all of DEFENDER_SOURCES."),
+    },
+)
+def defender_alert_forwarding():
+    @task(inlets=[ALERTS], retries=6, retry_delay=timedelta(seconds=30), retry_exponential_backoff=True,
+          max_retry_delay=timedelta(minutes=15), execution_timeout=timedelta(hours=1))
+    def forward_alerts(params=None, asset_state_store=None) -> list[dict]:
+        """Read new alerts from every source, apply the rules, create the ServiceNow records."""
+        from airflow.sdk.exceptions import AirflowFailException
+        from defender_servicenow import forwarding
+        from defender_servicenow.exceptions import ConfigError
+        from defender_servicenow.hooks.defender import DefenderIoTHook
+        from defender_servicenow.hooks.servicenow import ServiceNowHook
+
+        try:
+            options = _parse_params(params or {})
+        except ConfigError as exc:  # a bad trigger param: retrying cannot help
+            raise AirflowFailException(str(exc)) from None
+        forwarder = forwarding.AlertForwarder(
+            RULES, asset_state_store[ALERTS], dry_run=options["dry_run"],
+            defender_hook=DefenderIoTHook,
+            servicenow_hook=lambda conn_id: ServiceNowHook(
+                conn_id, max_retry_time=forwarding.SERVICENOW_MAX_RETRY_SECONDS),
+        )
+        reports = forwarder.run(options["sources"], since=options["since"], until=options["until"])
+        forwarding.raise_if_incomplete(reports)
+        return [r.as_dict() for r in reports]
+
+    forward_alerts()
+
+
+defender_alert_forwarding()

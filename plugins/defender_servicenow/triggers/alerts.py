@@ -1,0 +1,209 @@
+"""DefenderAlertTrigger: the AssetWatcher trigger that wakes ``defender_alert_forwarding`` on new alerts.
+
+Run by the triggerer (it must live in this installed package). Every ``poll_interval`` seconds it asks each
+source for the alerts raised since its ``seen:<conn id>`` watermark (v2 alerts API, ``fromTime``), and when
+any source has new ones it stores the new watermarks and yields one event, then returns (the triggerer
+starts a fresh instance ~2 s later, which resumes from the stored watermarks).
+
+Durable state (the asset state store; this trigger is the only writer of these keys):
+
+* ``seen:<conn id>`` = ``{"time_ms": newest alert time, "ids": [ids at that time]}``. With no watermark
+  (first start), it starts from *now*: history is not replayed (use the DAG's since/until params).
+* ``rule_first_seen:<rule name>`` = ISO-8601 time at which a trigger first ran with that rule (rule names
+  are kwargs, so editing the rules file re-creates the trigger); rules apply to alerts raised after that.
+
+The event is only a wake-up: the task re-reads Defender from its own ``forwarded_up_to`` watermark, so a
+lost or duplicated event loses or duplicates nothing. Transient failures (network, 5xx, bad JSON, a missing
+connection) are logged without secrets and retried with exponential back-off per source; polling goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+
+try:  # Airflow 3.3: BaseEventTrigger lives in the core package
+    from airflow.triggers.base import BaseEventTrigger, TriggerEvent
+except ImportError:  # pragma: no cover
+    from airflow.sdk.bases.trigger import BaseEventTrigger, TriggerEvent  # type: ignore[no-redef]
+
+from defender_servicenow.forwarding import rule_first_seen_key, seen_key
+
+CLASSPATH = "defender_servicenow.triggers.alerts.DefenderAlertTrigger"
+MAX_BACKOFF_SECONDS = 300.0
+
+
+def _now_ms() -> int:
+    return int(datetime.now(timezone.utc).timestamp() * 1000)
+
+
+def new_alerts(items: Any, watermark: dict) -> list[tuple[int, int]]:
+    """``(time_ms, id)`` of the alerts after ``watermark`` in a decoded alerts answer (bad items skipped)."""
+    if not isinstance(items, list):
+        raise ValueError(f"expected a JSON list of alerts, got {type(items).__name__}")
+    t, done = int(watermark["time_ms"]), set(watermark.get("ids") or ())
+    out = []
+    for item in items:
+        try:
+            ms, alert_id = int(item["time"]), int(item["id"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if ms > t or (ms == t and alert_id not in done):
+            out.append((ms, alert_id))
+    return sorted(out)
+
+
+def advance(watermark: dict, found: list[tuple[int, int]]) -> dict:
+    t, ids = int(watermark["time_ms"]), set(watermark.get("ids") or ())
+    for ms, alert_id in sorted(found):
+        if ms > t:
+            t, ids = ms, set()
+        ids.add(alert_id)
+    return {"time_ms": t, "ids": sorted(ids)}
+
+
+class DefenderAlertTrigger(BaseEventTrigger):
+    """Poll Defender for IoT appliances for new alerts; yield one event when there are any.
+
+    :param sources: Defender connection ids (conn type ``defender_iot``).
+    :param poll_interval: seconds between polls (``DEFENDER_ALERT_POLL_SECONDS``, default 15).
+    :param rule_names: the forwarding rules' names, whose first-seen time this trigger records.
+    """
+
+    def __init__(self, sources: list[str], poll_interval: float = 15.0, rule_names: list[str] | None = None,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.sources = list(sources)
+        self.poll_interval = float(poll_interval)
+        self.rule_names = list(rule_names or [])
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return CLASSPATH, {"sources": self.sources, "poll_interval": self.poll_interval,
+                           "rule_names": self.rule_names}
+
+    # ------------------------------------------------------------------ connection
+
+    async def _client(self, conn_id: str) -> tuple[httpx.AsyncClient, str]:
+        """An async client for one source (token header set, never logged) and its alerts path."""
+        from airflow.sdk import BaseHook
+
+        conn = await BaseHook.aget_connection(conn_id)
+        extra = conn.extra_dejson or {}
+        host = (conn.host or "").strip().rstrip("/")
+        if not host or not conn.password:
+            raise ValueError(f"connection {conn_id!r} needs a host and an API token (password)")
+        if "://" not in host:
+            host = f"https://{host}{f':{conn.port}' if conn.port else ''}"
+        try:
+            from airflow.sdk.log import mask_secret
+
+            mask_secret(conn.password)
+        except ImportError:  # pragma: no cover
+            pass
+        verify = extra.get("verify", True)
+        if isinstance(verify, str) and verify.strip().lower() in ("true", "false"):
+            verify = verify.strip().lower() == "true"
+        appliance = (extra.get("appliance") or "sensor").strip().lower()
+        path = "/external/v2/alerts" if appliance == "management_console" else "/api/v2/alerts"
+        client = httpx.AsyncClient(base_url=host, headers={"Authorization": conn.password, "Accept":
+                                                           "application/json"},
+                                   verify=verify, proxy=extra.get("proxy") or None,
+                                   timeout=float(extra.get("timeout") or 30), follow_redirects=False)
+        return client, path
+
+    # ------------------------------------------------------------------ run
+
+    async def _record_rules(self, store) -> None:
+        now = datetime.now(timezone.utc).isoformat()
+        for name in self.rule_names:
+            key = rule_first_seen_key(name)
+            if await store.aget(key) is None:
+                await store.aset(key, now)
+                self.log.info("Forwarding rule %r first seen at %s: it applies to alerts raised from now on", name, now)
+
+    async def _poll(self, conn_id: str, clients: dict, watermark: dict) -> list[tuple[int, int]]:
+        if conn_id not in clients:
+            clients[conn_id] = await self._client(conn_id)
+        client, path = clients[conn_id]
+        response = await client.get(path, params={"fromTime": int(watermark["time_ms"])})
+        if response.status_code != 200:
+            raise httpx.HTTPStatusError(f"HTTP {response.status_code}", request=response.request,
+                                        response=response)
+        return new_alerts(response.json(), watermark)
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        store = self.asset_state_store  # injected by the triggerer; None in __init__ / serialize / tests
+        if store is None:
+            raise RuntimeError("DefenderAlertTrigger only runs as an AssetWatcher trigger (no asset state store)")
+        await self._record_rules(store)
+        watermarks: dict[str, dict] = {}
+        for conn_id in self.sources:
+            wm = await store.aget(seen_key(conn_id))
+            if not wm:
+                wm = {"time_ms": _now_ms(), "ids": []}
+                await store.aset(seen_key(conn_id), wm)
+                self.log.info("%s: no alert watermark yet; watching alerts raised from now on", conn_id)
+            watermarks[conn_id] = wm
+        clients: dict[str, tuple[httpx.AsyncClient, str]] = {}
+        failures = dict.fromkeys(self.sources, 0)
+        next_poll = dict.fromkeys(self.sources, 0.0)
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                found: dict[str, list[tuple[int, int]]] = {}
+                for conn_id in self.sources:
+                    if loop.time() < next_poll[conn_id]:
+                        continue
+                    try:
+                        new = await self._poll(conn_id, clients, watermarks[conn_id])
+                    except Exception as exc:  # noqa: BLE001 - transient by design: log, back off, keep polling
+                        failures[conn_id] += 1
+                        delay = min(self.poll_interval * 2 ** failures[conn_id], MAX_BACKOFF_SECONDS)
+                        next_poll[conn_id] = loop.time() + delay
+                        self.log.warning("%s: polling alerts failed (%s); attempt %d, next try in %.0f s", conn_id,
+                                    _describe(exc), failures[conn_id], delay)
+                        old = clients.pop(conn_id, None)
+                        if old:
+                            await old[0].aclose()
+                        continue
+                    if failures[conn_id]:
+                        self.log.info("%s: polling alerts works again after %d failures", conn_id, failures[conn_id])
+                    failures[conn_id], next_poll[conn_id] = 0, 0.0
+                    if new:
+                        found[conn_id] = new
+                if found:
+                    payload = {}
+                    for conn_id, new in found.items():
+                        watermarks[conn_id] = advance(watermarks[conn_id], new)
+                        await store.aset(seen_key(conn_id), watermarks[conn_id])
+                        payload[conn_id] = {"new_alerts": len(new), "newest_time_ms": new[-1][0]}
+                    self.log.info("New alerts: %s", ", ".join(f"{c}: {p['new_alerts']}" for c, p in payload.items()))
+                    yield TriggerEvent({"sources": payload})
+                    return
+                await asyncio.sleep(self.poll_interval)
+        finally:
+            for client, _ in clients.values():
+                await client.aclose()
+
+
+def _describe(exc: Exception) -> str:
+    """A secret-free description: the exception type and status, never headers or bodies."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code} from {exc.request.url.path}"
+    if isinstance(exc, httpx.HTTPError):
+        return f"{type(exc).__name__} for {exc.request.url.path}" if _has_request(exc) else type(exc).__name__
+    if isinstance(exc, ValueError):
+        return f"unusable answer: {str(exc)[:120]}"
+    return f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
+def _has_request(exc: httpx.HTTPError) -> bool:
+    try:
+        exc.request  # noqa: B018
+        return True
+    except RuntimeError:
+        return False
