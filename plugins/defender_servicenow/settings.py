@@ -97,3 +97,41 @@ def source_name(environ: dict | None = None) -> str:
 def data_source(environ: dict | None = None) -> str:
     """``SERVICENOW_DATA_SOURCE``: IRE ``sysparm_data_source`` (a ``cmdb_ci.discovery_source`` choice)."""
     return _env("SERVICENOW_DATA_SOURCE", environ) or DEFAULT_DATA_SOURCE
+
+
+DEFAULT_RETIRE_AFTER_MISSING_RUNS = 3
+
+
+def retire_after_missing_runs(environ: dict | None = None) -> int:
+    """``DEFENDER_RETIRE_AFTER_MISSING_RUNS``: consecutive successful syncs a device must be missing from a
+    sensor's inventory before its CI is retired; integer, minimum 1, default 3."""
+    raw = _env("DEFENDER_RETIRE_AFTER_MISSING_RUNS", environ)
+    if raw is None:
+        return DEFAULT_RETIRE_AFTER_MISSING_RUNS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"DEFENDER_RETIRE_AFTER_MISSING_RUNS={raw!r}: give a whole number of runs, at least 1 "
+                          f"(default {DEFAULT_RETIRE_AFTER_MISSING_RUNS})")
+    return value
+
+
+DEFAULT_ALERT_POLL_SECONDS = 15.0
+MIN_ALERT_POLL_SECONDS = 1.0
+
+
+def alert_poll_seconds(environ: dict | None = None) -> float:
+    """``DEFENDER_ALERT_POLL_SECONDS``: how often the alert trigger polls each source (default 15, minimum 1)."""
+    raw = _env("DEFENDER_ALERT_POLL_SECONDS", environ)
+    if raw is None:
+        return DEFAULT_ALERT_POLL_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value >= MIN_ALERT_POLL_SECONDS or value == float("inf"):
+        raise ConfigError(f"DEFENDER_ALERT_POLL_SECONDS={raw!r}: give a number of seconds of at least "
+                          f"{MIN_ALERT_POLL_SECONDS:g} (default {DEFAULT_ALERT_POLL_SECONDS:g})")
+    return value
