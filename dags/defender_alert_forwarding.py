@@ -25,7 +25,8 @@ ALERTS = Asset(
     watchers=[AssetWatcher(
         name="defender_alert_poller",
         trigger=DefenderAlertTrigger(sources=SOURCES, poll_interval=settings.alert_poll_seconds(),
-                                     rule_names=[r.name for r in RULES.enabled]),
+                                     rule_names=[r.name for r in RULES.enabled],
+                                     lookback_minutes=settings.alert_lookback_minutes()),
     )],
 )
 

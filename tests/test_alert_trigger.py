@@ -56,7 +56,8 @@ def test_serialize_round_trips():
     json.dumps(kwargs)  # JSON-serialisable kwargs: the trigger's identity
     clone = DefenderAlertTrigger(**kwargs)
     assert clone.serialize() == (classpath, kwargs)
-    assert kwargs == {"sources": ["s1", "s2"], "poll_interval": 3.0, "rule_names": ["a", "b"]}
+    assert kwargs == {"sources": ["s1", "s2"], "poll_interval": 3.0, "rule_names": ["a", "b"],
+                      "lookback_minutes": 10.0}
 
 
 async def test_run_refuses_without_state_store():
@@ -128,3 +129,33 @@ async def test_missing_connection_is_logged_and_polling_goes_on(defender_sim_fac
     assert list(event.payload["sources"]) == ["defender_ok"]
     assert "defender_missing: polling alerts failed" in "".join(capfd.readouterr())
     assert good.sim.counters()["requests"] >= 1
+
+
+async def test_an_alert_delivered_late_wakes_the_dag(defender_sim_factory):
+    """A sensor reconnecting to its management console delivers alerts with old times but new ids."""
+    sim = defender_sim_factory(mode="management_console", alerts=3, conn_id="defender_late")
+    store = FakeAssetStateStore()
+    trigger = make_trigger(["defender_late"], store)
+    gen = trigger.run()
+    pending = asyncio.ensure_future(gen.__anext__())
+    await asyncio.sleep(0.5)
+    assert not pending.done()
+    watermark = store.data["seen:defender_late"]["time_ms"]
+    (late,) = sim.sim.add_alerts(1, time=watermark - 120_000, severity="Major", engine="Anomaly")
+    event = await asyncio.wait_for(pending, 10)
+    await gen.aclose()
+    assert event.payload["sources"]["defender_late"]["new_alerts"] == 1
+    seen = store.data["seen:defender_late"]
+    assert seen["time_ms"] == watermark and seen["max_id"] == late["id"]
+
+    # Outside the look-back window, a late alert is left to a replay (since/until params).
+    sim.sim.add_alerts(1, time=watermark - 11 * 60_000)
+    quiet = make_trigger(["defender_late"], store, lookback_minutes=10)
+    gen = quiet.run()
+    pending = asyncio.ensure_future(gen.__anext__())
+    await asyncio.sleep(0.5)
+    assert not pending.done()
+    pending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    await gen.aclose()

@@ -259,6 +259,47 @@ def test_servicenow_outage_delays_alerts_but_loses_none(defender_sim_factory, se
     assert sorted(ids) == sorted(f"defender-iot:defender_iot_default:{a['id']}" for a in new + more)
 
 
+def test_alerts_delivered_late_are_forwarded_once(defender_sim_factory, servicenow_conn):
+    """A management console receives a reconnecting sensor's alerts late: old times, new ids."""
+    d = defender_sim_factory(mode="management_console", alerts=0)
+    sn = servicenow_conn
+    rules = rules_with()
+    state = DictState()
+    baseline(rules, state, ["defender_iot_default"])
+    # as if forwarding had been running for an hour (tracking of late alerts starts with the first run)
+    state.data["recent:defender_iot_default"]["floor_ms"] -= 3_600_000
+    on_time = d.sim.add_alerts(2, severity="Major", engine="Anomaly", title="Address Scan Detected")
+    (report,) = forwarder(rules, state).run(["defender_iot_default"])
+    assert report.created == 2
+    watermark = state.data["forwarded_up_to:defender_iot_default"]["time_ms"]
+
+    late = d.sim.add_alerts(1, time=watermark - 60_000, severity="Critical", engine="Malware", title=PLC_TITLE)
+    too_late = d.sim.add_alerts(1, time=watermark - 11 * 60_000, severity="Critical", engine="Malware")
+    (report,) = forwarder(rules, state).run(["defender_iot_default"])
+    assert (report.seen, report.created, report.present) == (1, 1, 0)
+    assert state.data["forwarded_up_to:defender_iot_default"]["time_ms"] == watermark  # not moved back
+    (again,) = forwarder(rules, state).run(["defender_iot_default"])
+    assert (again.seen, again.created) == (0, 0)  # remembered in recent:<conn>, no lookup needed
+    keys = sorted(r["correlation_id"] for r in sn.sim.table("incident"))
+    assert keys == sorted(f"defender-iot:defender_iot_default:{a['id']}" for a in on_time + late)
+    assert f"defender-iot:defender_iot_default:{too_late[0]['id']}" not in keys  # beyond the look-back: replay
+
+
+def test_late_alert_tracking_is_pure():
+    wm = fwd.make_watermark(T0_MS + 1000, [9])
+    alerts = [make_alert(id=i, time=T0 + timedelta(milliseconds=ms)) for i, ms in
+              ((1, -700_000), (2, 0), (3, 500), (9, 1000), (10, 2000))]
+    recent = {"floor_ms": T0_MS - 10**6, "ids": {"2": T0_MS}}
+    assert [a.id for a in fwd.late_alerts(alerts, wm, recent, 600_000)] == [3]
+    assert fwd.late_alerts(alerts, wm, {}, 600_000) == []  # no tracking yet: nothing is late
+    assert fwd.late_alerts(alerts, wm, recent, 0) == []
+    kept = fwd.prune_recent(recent, [alerts[2]], wm, 600_000, floor_ms=T0_MS)
+    assert kept == {"floor_ms": T0_MS - 10**6, "ids": {"2": T0_MS, "3": T0_MS + 500}}
+    later = fwd.prune_recent(kept, [], fwd.make_watermark(T0_MS + 600_200), 600_000, floor_ms=T0_MS)
+    assert later["ids"] == {"3": T0_MS + 500}  # "2" fell out of the window
+    assert fwd.prune_recent({}, [], wm, 600_000, floor_ms=T0_MS)["floor_ms"] == T0_MS
+
+
 def test_partial_batch_failure_keeps_the_watermark_before_the_failed_alert(defender_sim_factory, servicenow_conn):
     d = defender_sim_factory(mode="sensor", alerts=1)
     sn = servicenow_conn

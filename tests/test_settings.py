@@ -65,3 +65,15 @@ def test_provider_info_registers_both_connection_types():
     assert set(types) == {"servicenow", "defender_iot"}
     assert types["servicenow"]["conn-fields"]["client_secret"]["schema"]["format"] == "password"
     assert info["package-name"] == "airflow-provider-defender-servicenow"
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(None, 10.0), ("0", 0.0), ("30", 30.0), ("2.5", 2.5)])
+def test_alert_lookback_minutes(raw, expected):
+    env = {} if raw is None else {"DEFENDER_ALERT_LOOKBACK_MINUTES": raw}
+    assert settings.alert_lookback_minutes(env) == expected
+
+
+@pytest.mark.parametrize("raw", ["-1", "abc", "nan", "20000"])
+def test_alert_lookback_minutes_invalid(raw):
+    with pytest.raises(ConfigError, match="DEFENDER_ALERT_LOOKBACK_MINUTES"):
+        settings.alert_lookback_minutes({"DEFENDER_ALERT_LOOKBACK_MINUTES": raw})

@@ -49,6 +49,12 @@ def rule_first_seen_key(rule_name: str) -> str:
     return f"rule_first_seen:{rule_name}"
 
 
+def recent_key(source: str) -> str:
+    """Task-owned: ``{alert id: time_ms}`` of the alerts handled within the look-back window behind the
+    watermark, so that late alerts (raised earlier, delivered later) are found without re-sending others."""
+    return f"recent:{source}"
+
+
 def seen_key(source: str) -> str:
     """Trigger-owned: the newest alert the trigger has seen for a source."""
     return f"seen:{source}"
@@ -81,6 +87,34 @@ def after_watermark(alerts: Iterable[Alert], watermark: Mapping | None) -> list[
         return ordered
     t, done = int(watermark["time_ms"]), set(watermark.get("ids") or ())
     return [a for a in ordered if (ms := datetime_to_ms(a.time)) > t or (ms == t and a.id not in done)]
+
+
+def late_alerts(alerts: Iterable[Alert], watermark: Mapping | None, recent: Mapping,
+                lookback_ms: int) -> list[Alert]:
+    """Alerts at or before ``watermark`` but within ``lookback_ms`` of it (and not before ``recent``'s
+    floor, the time the look-back started) that were not handled yet: alerts a management console received
+    late from a sensor, or a sensor listed after a later one."""
+    if not watermark or lookback_ms <= 0:
+        return []
+    t, done = int(watermark["time_ms"]), set(watermark.get("ids") or ())
+    floor = max(t - lookback_ms, int(recent.get("floor_ms", t)))
+    handled = recent.get("ids") or {}
+    out = []
+    for a in sorted(alerts, key=lambda a: (a.time, a.id)):
+        ms = datetime_to_ms(a.time)
+        if floor <= ms <= t and str(a.id) not in handled and not (ms == t and a.id in done):
+            out.append(a)
+    return out
+
+
+def prune_recent(recent: Mapping, handled: Iterable[Alert], watermark: Mapping, lookback_ms: int,
+                 floor_ms: int) -> dict:
+    """``recent`` plus the ``handled`` alerts, keeping only those inside the look-back window.
+    ``floor_ms`` (the watermark this run started from) is where tracking starts when ``recent`` is new."""
+    t = int(watermark["time_ms"])
+    floor = int(recent.get("floor_ms", floor_ms))
+    merged = {**(recent.get("ids") or {}), **{str(a.id): datetime_to_ms(a.time) for a in handled}}
+    return {"floor_ms": floor, "ids": {k: v for k, v in merged.items() if t - lookback_ms <= v <= t}}
 
 
 def advance_watermark(watermark: Mapping, alerts: Sequence[Alert], done: set[str]) -> dict:
@@ -280,7 +314,8 @@ class AlertForwarder:
 
     def __init__(self, rules: RuleSet, state: StateStore, *, defender_hook: Callable[[str], Any],
                  servicenow_hook: Callable[[str], Any], source_name: str | None = None, dry_run: bool = False,
-                 chunk_size: int = CHUNK_SIZE, clock: Callable[[], datetime] | None = None):
+                 chunk_size: int = CHUNK_SIZE, clock: Callable[[], datetime] | None = None,
+                 lookback_minutes: float | None = None):
         self.rules = rules
         self.state = state
         self.defender_hook = defender_hook
@@ -290,6 +325,8 @@ class AlertForwarder:
         self.chunk_size = chunk_size
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self._sn_hooks: dict[str, Any] = {}
+        minutes = settings.alert_lookback_minutes() if lookback_minutes is None else lookback_minutes
+        self.lookback_ms = int(minutes * 60_000)
 
     def _sn(self, conn_id: str):
         if conn_id not in self._sn_hooks:
@@ -341,9 +378,16 @@ class AlertForwarder:
             else:
                 watermark = self._watermark(source, first_seen)
                 report.window = f"after {ms_to_datetime(watermark['time_ms']).isoformat()}"
-                records = dhook.get_alerts(from_time=ms_to_datetime(watermark["time_ms"]))
+                records = dhook.get_alerts(from_time=ms_to_datetime(watermark["time_ms"] - self.lookback_ms))
             report.invalid = [f"{r.record_id}: {r.reason}" for r in records if isinstance(r, InvalidRecord)]
-            alerts = after_watermark([r for r in records if isinstance(r, Alert)], watermark)
+            valid = [r for r in records if isinstance(r, Alert)]
+            alerts = after_watermark(valid, watermark)
+            recent = (self.state.get(recent_key(source)) or {}) if not replay else {}
+            late = late_alerts(valid, watermark, recent, self.lookback_ms) if not replay else []
+            if late:
+                log.warning("%s: %d alert(s) arrived late (raised before the watermark, ids %s); forwarding them "
+                            "now", source, len(late), ", ".join(str(a.id) for a in late[:20]))
+                alerts = sorted(late + alerts, key=lambda a: (a.time, a.id))
             report.seen = len(alerts)
             devices = self._devices(dhook, alerts) if self.rules.needs_protocols and alerts else {}
         except (IntegrationError, AirflowNotFoundException) as exc:  # one bad source must not stop the others
@@ -374,9 +418,15 @@ class AlertForwarder:
 
         if not replay and not self.dry_run:
             done = {a.key for a in alerts if not pending.get(a.key)}
-            report.watermark = advance_watermark(watermark, alerts, done)
+            late_keys = {a.key for a in late}
+            report.watermark = advance_watermark(watermark, [a for a in alerts if a.key not in late_keys], done)
             if report.watermark != make_watermark(watermark["time_ms"], watermark.get("ids") or ()):
                 self.state.set(watermark_key(source), report.watermark)
+            if self.lookback_ms > 0:
+                new_recent = prune_recent(recent, [a for a in alerts if a.key in done], report.watermark,
+                                          self.lookback_ms, floor_ms=int(watermark["time_ms"]))
+                if new_recent != recent:
+                    self.state.set(recent_key(source), new_recent)
         return report
 
     # ------------------------------------------------------------------ steps

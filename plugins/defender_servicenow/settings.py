@@ -135,3 +135,23 @@ def alert_poll_seconds(environ: dict | None = None) -> float:
         raise ConfigError(f"DEFENDER_ALERT_POLL_SECONDS={raw!r}: give a number of seconds of at least "
                           f"{MIN_ALERT_POLL_SECONDS:g} (default {DEFAULT_ALERT_POLL_SECONDS:g})")
     return value
+
+
+DEFAULT_ALERT_LOOKBACK_MINUTES = 10.0
+
+
+def alert_lookback_minutes(environ: dict | None = None) -> float:
+    """``DEFENDER_ALERT_LOOKBACK_MINUTES``: how far behind its watermark the forwarding task looks for alerts
+    that arrived late (a sensor reconnecting to its management console delivers older alerts); 0 turns it
+    off. Default 10."""
+    raw = _env("DEFENDER_ALERT_LOOKBACK_MINUTES", environ)
+    if raw is None:
+        return DEFAULT_ALERT_LOOKBACK_MINUTES
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 7 * 24 * 60:
+        raise ConfigError(f"DEFENDER_ALERT_LOOKBACK_MINUTES={raw!r}: give a number of minutes from 0 to 10080 "
+                          f"(default {DEFAULT_ALERT_LOOKBACK_MINUTES:g})")
+    return value

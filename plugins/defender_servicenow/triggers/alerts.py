@@ -42,28 +42,37 @@ def _now_ms() -> int:
 
 
 def new_alerts(items: Any, watermark: dict) -> list[tuple[int, int]]:
-    """``(time_ms, id)`` of the alerts after ``watermark`` in a decoded alerts answer (bad items skipped)."""
+    """``(time_ms, id)`` of the alerts after ``watermark`` in a decoded alerts answer (bad items skipped).
+
+    New means raised after the watermark time, or (``max_id``) given an id above every id seen so far:
+    appliances number alerts as they receive them, so an alert that arrives late (a sensor reconnecting to
+    its management console) has an old time but a new id.
+    """
     if not isinstance(items, list):
         raise ValueError(f"expected a JSON list of alerts, got {type(items).__name__}")
     t, done = int(watermark["time_ms"]), set(watermark.get("ids") or ())
-    out = []
+    max_id = watermark.get("max_id")
+    parsed = []
     for item in items:
         try:
-            ms, alert_id = int(item["time"]), int(item["id"])
+            parsed.append((int(item["time"]), int(item["id"])))
         except (KeyError, TypeError, ValueError):
             continue
-        if ms > t or (ms == t and alert_id not in done):
-            out.append((ms, alert_id))
-    return sorted(out)
+    if max_id is None:  # a watermark written before max_id existed: ids up to its time count as seen
+        max_id = max((i for ms, i in parsed if ms <= t), default=0)
+        watermark["max_id"] = max_id
+    return sorted((ms, i) for ms, i in parsed if ms > t or (ms == t and i not in done) or i > max_id)
 
 
 def advance(watermark: dict, found: list[tuple[int, int]]) -> dict:
     t, ids = int(watermark["time_ms"]), set(watermark.get("ids") or ())
+    max_id = max([int(watermark.get("max_id") or 0)] + [i for _, i in found])
     for ms, alert_id in sorted(found):
         if ms > t:
             t, ids = ms, set()
-        ids.add(alert_id)
-    return {"time_ms": t, "ids": sorted(ids)}
+        if ms == t:
+            ids.add(alert_id)
+    return {"time_ms": t, "ids": sorted(ids), "max_id": max_id}
 
 
 class DefenderAlertTrigger(BaseEventTrigger):
@@ -72,18 +81,21 @@ class DefenderAlertTrigger(BaseEventTrigger):
     :param sources: Defender connection ids (conn type ``defender_iot``).
     :param poll_interval: seconds between polls (``DEFENDER_ALERT_POLL_SECONDS``, default 15).
     :param rule_names: the forwarding rules' names, whose first-seen time this trigger records.
+    :param lookback_minutes: how far behind the watermark to look for alerts delivered late
+        (``DEFENDER_ALERT_LOOKBACK_MINUTES``, default 10), as the forwarding task does.
     """
 
     def __init__(self, sources: list[str], poll_interval: float = 15.0, rule_names: list[str] | None = None,
-                 **kwargs: Any):
+                 lookback_minutes: float = 10.0, **kwargs: Any):
         super().__init__(**kwargs)
         self.sources = list(sources)
         self.poll_interval = float(poll_interval)
         self.rule_names = list(rule_names or [])
+        self.lookback_minutes = float(lookback_minutes)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return CLASSPATH, {"sources": self.sources, "poll_interval": self.poll_interval,
-                           "rule_names": self.rule_names}
+                           "rule_names": self.rule_names, "lookback_minutes": self.lookback_minutes}
 
     # ------------------------------------------------------------------ connection
 
@@ -129,7 +141,8 @@ class DefenderAlertTrigger(BaseEventTrigger):
         if conn_id not in clients:
             clients[conn_id] = await self._client(conn_id)
         client, path = clients[conn_id]
-        response = await client.get(path, params={"fromTime": int(watermark["time_ms"])})
+        since = int(watermark["time_ms"]) - int(self.lookback_minutes * 60_000)
+        response = await client.get(path, params={"fromTime": since})
         if response.status_code != 200:
             raise httpx.HTTPStatusError(f"HTTP {response.status_code}", request=response.request,
                                         response=response)
@@ -147,7 +160,7 @@ class DefenderAlertTrigger(BaseEventTrigger):
                 wm = {"time_ms": _now_ms(), "ids": []}
                 await store.aset(seen_key(conn_id), wm)
                 self.log.info("%s: no alert watermark yet; watching alerts raised from now on", conn_id)
-            watermarks[conn_id] = wm
+            watermarks[conn_id] = dict(wm)  # our copy: new_alerts() may note max_id in it
         clients: dict[str, tuple[httpx.AsyncClient, str]] = {}
         failures = dict.fromkeys(self.sources, 0)
         next_poll = dict.fromkeys(self.sources, 0.0)
