@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from defender_servicenow import settings
 from defender_servicenow.exceptions import ConfigError
 
