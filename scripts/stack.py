@@ -1,0 +1,458 @@
+"""A live stack on loopback: both simulators and real Airflow 3 processes, as subprocesses.
+
+Used by ``scripts/demo.py`` (the README's main command) and ``tests/test_live_stack.py``::
+
+    with Stack(StackOptions(home=Path(".demo/airflow_home"))) as stack:
+        run_id = stack.trigger("defender_device_sync")
+        stack.wait_for_run("defender_device_sync", run_id)
+
+What it starts, each in its own session (process group) with its output in ``<home>/stack-logs/``:
+the ServiceNow simulator, the Defender for IoT simulator (a management console), then ``airflow
+db migrate`` and ``api-server``, ``scheduler --skip-serve-logs``, ``dag-processor`` and ``triggerer
+--skip-serve-logs`` (LocalExecutor, SQLite in ``home``). Connections are ``AIRFLOW_CONN_*`` JSON
+variables pointing at the simulators; the admin password (SimpleAuthManager) is generated and written
+to ``<home>/passwords.json``. ``stop()`` ends every process group it started (SIGTERM, bounded wait,
+then SIGKILL), including task processes that moved to their own group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DAG_IDS = ("defender_device_sync", "defender_alert_forwarding", "defender_servicenow_cleanup")
+SERVICENOW_CONN_ID = "servicenow_default"
+DEFENDER_CONN_ID = "defender_iot_default"
+USERNAME = "admin"
+PIDS_FILE = "stack-pids.json"
+FINAL_STATES = {"success", "failed"}
+
+# Forward every alert as an incident, and Major and above also to the Defender for IoT application table.
+DEMO_RULES = {
+    "rules": [
+        {"name": "all-alerts-to-incidents", "minimum_severity": "Warning", "protocols": "all", "engines": "all",
+         "report_alert_notifications": True, "report_system_notifications": True,
+         "actions": [{"type": "servicenow", "report_type": "incidents", "table": "incident"}]},
+        {"name": "major-to-application", "minimum_severity": "Major", "protocols": "all", "engines": "all",
+         "report_alert_notifications": True, "report_system_notifications": False,
+         "actions": [{"type": "servicenow", "report_type": "defender_for_iot_application"}]},
+    ]
+}
+
+
+class StackError(RuntimeError):
+    """The stack could not start or did not reach the expected state in time."""
+
+
+@dataclass
+class StackOptions:
+    home: Path                                # AIRFLOW_HOME (wiped at start unless reuse=True)
+    devices: int = 150                        # management console inventory (spread over `sensors`)
+    sensors: int = 2
+    seed: int = 1
+    alert_interval_s: float = 0               # > 0: the Defender simulator adds an alert every N s
+    alert_poll_seconds: float | None = None   # DEFENDER_ALERT_POLL_SECONDS (None: the trigger's default)
+    fast: bool = False                        # short DAG-processing intervals, 1 s scheduler heartbeat
+    reuse: bool = False                       # keep the metadata DB of an earlier run
+    extra_env: dict[str, str] = field(default_factory=dict)
+    startup_timeout: float = 300.0
+
+
+@dataclass
+class _Proc:
+    name: str
+    popen: subprocess.Popen
+    marker: str  # a word in its command line (checked before killing a stale process from an earlier run)
+
+
+class Stack:
+    def __init__(self, options: StackOptions):
+        self.options = options
+        self.home = options.home.resolve()
+        self.logs_dir = self.home / "stack-logs"
+        self.procs: list[_Proc] = []
+        self.password = ""
+        self.api_url = self.sn_url = self.defender_url = ""
+        self.env: dict[str, str] = {}
+        self._http = requests.Session()
+        self._token: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        from include.simulators.runner import free_port
+
+        stop_stale(self.home)
+        if self.home.exists() and not self.options.reuse:
+            shutil.rmtree(self.home)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        sn_port, def_port, api_port = free_port(), free_port(), free_port()
+        self.sn_url = f"http://127.0.0.1:{sn_port}"
+        self.defender_url = f"http://127.0.0.1:{def_port}"
+        self.api_url = f"http://127.0.0.1:{api_port}"
+        self.env = self._environment(api_port)
+
+        py = sys.executable
+        self._spawn("servicenow-sim", [py, "-m", "include.simulators.servicenow_sim", "--port", str(sn_port)],
+                    "servicenow_sim")
+        o = self.options
+        defender = [py, "-m", "include.simulators.defender_sim", "--port", str(def_port),
+                    "--mode", "management_console", "--devices", str(o.devices), "--seed", str(o.seed),
+                    "--sensors", str(o.sensors), "--name", "demo-management-console"]
+        if o.alert_interval_s:
+            defender += ["--alert-interval", str(o.alert_interval_s)]
+        self._spawn("defender-sim", defender, "defender_sim")
+
+        migrate = subprocess.run([str(BIN / "airflow"), "db", "migrate"], cwd=ROOT, env=self.env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 timeout=o.startup_timeout, check=False)
+        (self.logs_dir / "db-migrate.log").write_bytes(migrate.stdout)
+        if migrate.returncode:
+            raise StackError(f"'airflow db migrate' failed (exit {migrate.returncode}); "
+                             f"see {self.logs_dir / 'db-migrate.log'}")
+        for name, args in (("api-server", ["api-server"]),
+                           ("scheduler", ["scheduler", "--skip-serve-logs"]),
+                           ("dag-processor", ["dag-processor"]),
+                           ("triggerer", ["triggerer", "--skip-serve-logs"])):
+            self._spawn(name, [str(BIN / "airflow"), *args], "airflow")
+
+        deadline = time.monotonic() + o.startup_timeout
+        self._wait_http(f"{self.sn_url}/sim/state", deadline, "ServiceNow simulator")
+        self._wait_http(f"{self.defender_url}/sim/state", deadline, "Defender simulator")
+        self._wait_http(f"{self.api_url}/api/v2/version", deadline, "Airflow api-server", auth=True)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """End every process group this stack started: SIGTERM, wait up to ``timeout``, then SIGKILL."""
+        if not self.procs:
+            return
+        groups = {p.popen.pid for p in self.procs if p.popen.poll() is None}
+        groups |= {pgid for pid in _descendants(groups) if (pgid := _pgid_or_none(pid)) is not None}
+        for pgid in groups:
+            _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for pgid in groups:  # stragglers (leaders that ignored SIGTERM, task runners in their own group)
+            _signal_group(pgid, signal.SIGKILL)
+        for p in self.procs:
+            try:
+                p.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.procs.clear()
+        (self.home / PIDS_FILE).unlink(missing_ok=True)
+        self._http.close()
+
+    def _environment(self, api_port: int) -> dict[str, str]:
+        from cryptography.fernet import Fernet
+
+        from include.simulators.defender_sim import SIM_TOKEN
+        from include.simulators.servicenow_sim import SIM_CLIENT_ID, SIM_CLIENT_SECRET, SIM_PASSWORD, SIM_USER
+
+        o = self.options
+        passwords = self.home / "passwords.json"
+        if o.reuse and passwords.exists():
+            self.password = json.loads(passwords.read_text())[USERNAME]
+        else:
+            self.password = secrets.token_urlsafe(12)
+            passwords.write_text(json.dumps({USERNAME: self.password}))
+            passwords.chmod(0o600)
+        rules = self.home / "forwarding_rules.yaml"
+        rules.write_text(yaml.safe_dump(DEMO_RULES, sort_keys=False))
+        # Start from this environment minus anything that configures Airflow or the integration
+        # (pytest's conftest sets AIRFLOW_HOME and friends; a developer's shell may set connections).
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("AIRFLOW", "DEFENDER_", "SERVICENOW_", "_AIRFLOW"))}
+        api = f"http://127.0.0.1:{api_port}"
+        env.update({
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+            "PYTHONUNBUFFERED": "1",
+            "AIRFLOW_HOME": str(self.home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(api_port),
+            "AIRFLOW__API__BASE_URL": api,
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api}/execution/",
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(48),  # 96 bytes, shared by every component
+            "AIRFLOW__CORE__AUTH_MANAGER":
+                "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USERNAME}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+            "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            f"AIRFLOW_CONN_{SERVICENOW_CONN_ID.upper()}": json.dumps({
+                "conn_type": "servicenow", "host": self.sn_url, "login": SIM_USER, "password": SIM_PASSWORD,
+                "extra": {"client_id": SIM_CLIENT_ID, "client_secret": SIM_CLIENT_SECRET}}),
+            f"AIRFLOW_CONN_{DEFENDER_CONN_ID.upper()}": json.dumps({
+                "conn_type": "defender_iot", "host": self.defender_url, "password": SIM_TOKEN,
+                "extra": {"appliance": "management_console", "name": "demo-management-console"}}),
+            "DEFENDER_SOURCES": DEFENDER_CONN_ID,
+            "SERVICENOW_CONN_ID": SERVICENOW_CONN_ID,
+            "DEFENDER_FORWARDING_RULES_FILE": str(rules),
+        })
+        if o.fast:
+            env.update({"AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+                        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
+                        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1"})
+        if o.alert_poll_seconds is not None:
+            env["DEFENDER_ALERT_POLL_SECONDS"] = str(o.alert_poll_seconds)
+        env.update(o.extra_env)
+        return env
+
+    def _spawn(self, name: str, argv: list[str], marker: str) -> None:
+        with open(self.logs_dir / f"{name}.log", "ab") as log:
+            popen = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(_Proc(name, popen, marker))
+        (self.home / PIDS_FILE).write_text(json.dumps({p.name: [p.popen.pid, p.marker] for p in self.procs}))
+
+    def _wait_http(self, url: str, deadline: float, what: str, auth: bool = False) -> None:
+        while True:
+            dead = [p.name for p in self.procs if p.popen.poll() is not None]
+            if dead:
+                raise StackError(f"{', '.join(dead)} exited while waiting for the {what}; "
+                                 f"see the logs in {self.logs_dir}")
+            try:
+                if (self._http.get(url, timeout=5, headers=self._headers() if auth else None).status_code
+                        == 200):
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise StackError(f"the {what} did not answer {url} in time; see the logs in {self.logs_dir}")
+            time.sleep(0.5)
+
+    # ------------------------------------------------------------------ Airflow REST API
+
+    def _headers(self) -> dict[str, str]:
+        if self._token is None:
+            try:
+                resp = self._http.post(f"{self.api_url}/auth/token", timeout=10,
+                                       json={"username": USERNAME, "password": self.password})
+            except requests.RequestException:
+                return {}
+            if resp.status_code != 201:
+                return {}
+            self._token = resp.json()["access_token"]
+        return {"Authorization": f"Bearer {self._token}"}
+
+    def api(self, method: str, path: str, **kwargs) -> requests.Response:
+        """Call the Airflow REST API (``path`` like ``/api/v2/dags``) with a token from POST /auth/token."""
+        resp = self._http.request(method, f"{self.api_url}{path}", headers=self._headers(), timeout=30, **kwargs)
+        if resp.status_code == 401:  # token expired: get a new one once
+            self._token = None
+            resp = self._http.request(method, f"{self.api_url}{path}", headers=self._headers(), timeout=30,
+                                      **kwargs)
+        return resp
+
+    def api_json(self, method: str, path: str, **kwargs) -> dict:
+        resp = self.api(method, path, **kwargs)
+        if resp.status_code >= 400:
+            raise StackError(f"{method} {path} answered {resp.status_code}: {resp.text[:300]}")
+        return resp.json()
+
+    def wait_for_dags(self, dag_ids=DAG_IDS, timeout: float = 240.0) -> dict[str, dict]:
+        """Wait until the DAG processor has parsed ``dag_ids`` (or reported import errors); unpause them."""
+        def ready():
+            dags = {d["dag_id"]: d for d in self.api_json("GET", "/api/v2/dags", params={"limit": 100})["dags"]}
+            self.raise_on_import_errors()
+            return dags if all(d in dags for d in dag_ids) else None
+
+        dags = wait_until(ready, timeout, f"DAGs {', '.join(dag_ids)} to be parsed")
+        for dag_id in dag_ids:
+            if dags[dag_id].get("is_paused"):
+                self.api_json("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": False})
+        return dags
+
+    def import_errors(self) -> list[dict]:
+        return self.api_json("GET", "/api/v2/importErrors")["import_errors"]
+
+    def raise_on_import_errors(self) -> None:
+        """StackError naming each DAG file that does not import and the last line of its error."""
+        errors = self.import_errors()
+        if errors:
+            raise StackError("DAG import errors: " + "; ".join(
+                f"{e['filename']}: {e['stack_trace'].strip().splitlines()[-1]}" for e in errors))
+
+    def trigger(self, dag_id: str, conf: dict | None = None) -> str:
+        run = self.api_json("POST", f"/api/v2/dags/{dag_id}/dagRuns",
+                            json={"logical_date": None, "conf": conf or {}})
+        return run["dag_run_id"]
+
+    def run_state(self, dag_id: str, run_id: str) -> str:
+        return self.api_json("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"]
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 300.0) -> str:
+        """Wait until the run is finished; return its final state."""
+        return wait_until(lambda: (s := self.run_state(dag_id, run_id)) in FINAL_STATES and s,
+                          timeout, f"run {run_id} of {dag_id} to finish")
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        return self.api_json("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+
+    def task_log_files(self, dag_id: str, run_id: str) -> list[Path]:
+        """The task log files of a run (``<home>/logs/dag_id=…/run_id=…/task_id=…/[map_index=…/]attempt=N.log``)."""
+        return sorted((self.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}").rglob("attempt=*.log"))
+
+    def runs(self, dag_id: str) -> list[dict]:
+        return self.api_json("GET", f"/api/v2/dags/{dag_id}/dagRuns",
+                             params={"limit": 100, "order_by": "-run_after"})["dag_runs"]
+
+    # ------------------------------------------------------------------ simulators
+
+    @property
+    def defender_token(self) -> str:
+        from include.simulators.defender_sim import SIM_TOKEN
+
+        return SIM_TOKEN
+
+    def secrets(self) -> list[str]:
+        """Every secret this stack handed to Airflow (for "no secret in any log" checks)."""
+        from include.simulators.servicenow_sim import SIM_CLIENT_SECRET, SIM_PASSWORD
+
+        return [SIM_PASSWORD, SIM_CLIENT_SECRET, self.defender_token, self.password,
+                self.env["AIRFLOW__API_AUTH__JWT_SECRET"], self.env["AIRFLOW__CORE__FERNET_KEY"]]
+
+    def sn_records(self, table: str) -> list[dict]:
+        resp = self._http.get(f"{self.sn_url}/sim/tables/{table}", timeout=30)
+        resp.raise_for_status()
+        return resp.json()["records"]
+
+    def sn_state(self) -> dict:
+        return self._http.get(f"{self.sn_url}/sim/state", timeout=30).json()
+
+    def sn_faults(self, **faults) -> None:
+        self._http.post(f"{self.sn_url}/sim/faults", json=faults, timeout=30).raise_for_status()
+
+    def defender_state(self) -> dict:
+        return self._http.get(f"{self.defender_url}/sim/state", timeout=30).json()
+
+    def add_alerts(self, count: int = 1, **fields) -> list[dict]:
+        """Raise ``count`` new alerts on the Defender simulator; returns them (each with its ``id``)."""
+        resp = self._http.post(f"{self.defender_url}/sim/alerts", json={"count": count, **fields}, timeout=30)
+        resp.raise_for_status()
+        body = resp.json()
+        return body if isinstance(body, list) else body.get("alerts", [])
+
+    def cmdb_source_rows(self) -> list[dict]:
+        """``sys_object_source`` rows written by this integration for the Defender connection."""
+        return [r for r in self.sn_records("sys_object_source")
+                if str(r.get("id", "")).startswith(f"{DEFENDER_CONN_ID}:")]
+
+    def incidents_by_alert(self) -> dict[str, list[dict]]:
+        """Incidents grouped by alert key (``<conn id>:<alert id>``), from ``correlation_id``."""
+        grouped: dict[str, list[dict]] = {}
+        for rec in self.sn_records("incident"):
+            corr = str(rec.get("correlation_id") or "")
+            if corr.startswith("defender-iot:"):
+                grouped.setdefault(corr.removeprefix("defender-iot:"), []).append(rec)
+        return grouped
+
+
+def alert_key(alert: dict) -> str:
+    return f"{DEFENDER_CONN_ID}:{alert['id']}"
+
+
+def wait_until(check: Callable, timeout: float, what: str, interval: float = 1.0):
+    """Call ``check`` until it returns something truthy (returned); StackError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise StackError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+# ---------------------------------------------------------------------- process groups
+
+
+def _pgid_or_none(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _descendants(roots: set[int]) -> set[int]:
+    """Every live descendant of ``roots`` (from /proc; empty where /proc is not available)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def stop_stale(home: Path) -> None:
+    """Stop the processes a previous run with this ``home`` left behind (e.g. after ``kill -9`` of the demo).
+
+    Only pids recorded in ``<home>/stack-pids.json`` whose command line still contains the recorded
+    marker (so a recycled pid is never touched) are signalled, by process group.
+    """
+    pids_file = home / PIDS_FILE
+    if not pids_file.exists():
+        return
+    for pid, marker in json.loads(pids_file.read_text()).values():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline and _pgid_or_none(pid) == pid:
+            for pgid in {pid} | {p for d in _descendants({pid}) if (p := _pgid_or_none(d))}:
+                _signal_group(pgid, signal.SIGKILL)
+    pids_file.unlink(missing_ok=True)

@@ -1,0 +1,156 @@
+"""Structural checks of docker-compose.yaml, Dockerfile and .env.example (Docker cannot run here)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_TEXT = (ROOT / "docker-compose.yaml").read_text()
+COMPOSE = yaml.safe_load(COMPOSE_TEXT)
+SERVICES = COMPOSE["services"]
+AIRFLOW_SERVICES = {"airflow-apiserver": "api-server", "airflow-scheduler": "scheduler",
+                    "airflow-dag-processor": "dag-processor", "airflow-triggerer": "triggerer",
+                    "airflow-worker": "celery worker"}
+# ${VAR}, ${VAR:-default}, ${VAR:?message}; $${VAR} is an escaped literal for the container's shell.
+VARIABLE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?+][^}]*)?\}")
+
+
+def _env_example() -> dict[str, str]:
+    values = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, sep, value = line.partition("=")
+            assert sep, f".env.example: not NAME=value: {line!r}"
+            values[name.strip()] = value
+    return values
+
+
+def test_services_follow_the_official_airflow_compose():
+    assert set(AIRFLOW_SERVICES) | {"postgres", "redis", "airflow-init"} <= set(SERVICES)
+    for name, command in AIRFLOW_SERVICES.items():
+        assert SERVICES[name]["command"] == command
+        assert SERVICES[name]["restart"] == "always"
+        assert SERVICES[name]["depends_on"]["airflow-init"] == {"condition": "service_completed_successfully"}
+        assert SERVICES[name]["depends_on"]["postgres"] == {"condition": "service_healthy"}
+        assert SERVICES[name]["depends_on"]["redis"] == {"condition": "service_healthy"}
+    assert SERVICES["airflow-worker"]["depends_on"]["airflow-apiserver"] == {"condition": "service_healthy"}
+    assert SERVICES["postgres"]["image"].startswith("postgres:")
+    assert SERVICES["redis"]["image"].startswith("redis:")
+    init_env = SERVICES["airflow-init"]["environment"]
+    assert init_env["_AIRFLOW_DB_MIGRATE"] == "true" and init_env["_AIRFLOW_WWW_USER_CREATE"] == "true"
+
+
+def test_every_airflow_service_shares_the_common_anchor():
+    common = COMPOSE["x-airflow-common"]
+    assert common["build"] == "."
+    assert "&airflow-common-env" in COMPOSE_TEXT and "<<: *airflow-common" in COMPOSE_TEXT
+    for name in [*AIRFLOW_SERVICES, "airflow-init"]:
+        service = SERVICES[name]
+        assert service["image"] == common["image"]
+        env = service["environment"]
+        for key, value in common["environment"].items():  # the worker/init only add keys
+            assert env[key] == value, f"{name}: {key}"
+
+
+def test_shared_environment():
+    env = COMPOSE["x-airflow-common"]["environment"]
+    assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://airflow:")
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith("@postgres/airflow")
+    assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://") and "@redis:6379" in env["AIRFLOW__CELERY__BROKER_URL"]
+    assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/"
+    # Secrets are required (no insecure default) and shared by every component.
+    assert env["AIRFLOW__API_AUTH__JWT_SECRET"].startswith("${AIRFLOW_JWT_SECRET:?")
+    assert env["AIRFLOW__CORE__FERNET_KEY"].startswith("${AIRFLOW_FERNET_KEY:?")
+    assert env["AIRFLOW__CORE__LOAD_EXAMPLES"] == "false"
+    # The user-facing contract (interface.md): connections and settings come from .env.
+    for name in ("AIRFLOW_CONN_SERVICENOW_DEFAULT", "AIRFLOW_CONN_DEFENDER_IOT_DEFAULT", "DEFENDER_SOURCES",
+                 "DEFENDER_SYNC_FREQUENCY_MINUTES", "SERVICENOW_CONN_ID", "DEFENDER_FORWARDING_RULES_FILE"):
+        assert env[name].startswith("${" + name), name
+
+
+def test_healthchecks():
+    expected = {"postgres": "pg_isready", "redis": "redis-cli", "airflow-apiserver": "/api/v2/version",
+                "airflow-scheduler": ":8974/health", "airflow-dag-processor": "DagProcessorJob",
+                "airflow-triggerer": "TriggererJob", "airflow-worker": "inspect ping",
+                "servicenow-sim": "/sim/state", "defender-sim": "/sim/state"}
+    for name, probe in expected.items():
+        test = SERVICES[name]["healthcheck"]["test"]
+        assert test[0] in ("CMD", "CMD-SHELL") and probe in " ".join(test), name
+    assert COMPOSE["x-airflow-common"]["environment"]["AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK"] == "true"
+
+
+def test_simulators_are_an_optional_profile_on_loopback():
+    for name in ("servicenow-sim", "defender-sim"):
+        service = SERVICES[name]
+        assert service["profiles"] == ["simulators"]
+        assert all(port.startswith("127.0.0.1:") for port in service["ports"])
+        assert f"include.simulators.{name.replace('-sim', '_sim')}" in service["command"][0]
+    for name, service in SERVICES.items():  # nothing else may need the simulators to be running
+        if name not in ("servicenow-sim", "defender-sim"):
+            assert not set(service.get("depends_on", {})) & {"servicenow-sim", "defender-sim"}
+    example = _env_example()
+    assert "servicenow-sim:8000" in (ROOT / ".env.example").read_text()
+    assert "defender-sim:8000" in (ROOT / ".env.example").read_text()
+    assert example["AIRFLOW_CONN_SERVICENOW_DEFAULT"]
+
+
+def test_every_compose_variable_is_documented_in_env_example():
+    used = set(VARIABLE.findall(COMPOSE_TEXT))
+    assert {"AIRFLOW_JWT_SECRET", "AIRFLOW_FERNET_KEY", "POSTGRES_PASSWORD"} <= used
+    documented = set(_env_example())
+    assert not used - documented, f"undocumented in .env.example: {sorted(used - documented)}"
+    # Every documented variable has an explanatory comment right above it (or above its group).
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line and not line.startswith("#"):
+            assert any(lines[j].startswith("#") for j in range(max(0, i - 3), i)), line
+
+
+def test_env_example_has_no_real_secrets():
+    example = _env_example()
+    for name in ("AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET", "POSTGRES_PASSWORD", "_AIRFLOW_WWW_USER_PASSWORD"):
+        assert example[name] == "", f"{name} must be left empty in .env.example"
+
+
+@pytest.mark.parametrize("settings_var", ["DEFENDER_SOURCES", "DEFENDER_SYNC_FREQUENCY_MINUTES",
+                                          "SERVICENOW_CONN_ID", "DEFENDER_FORWARDING_RULES_FILE",
+                                          "DEFENDER_ALERT_POLL_SECONDS"])
+def test_env_example_defaults_pass_the_settings_validation(settings_var):
+    from defender_servicenow import settings
+
+    example = {k: v for k, v in _env_example().items() if k == settings_var}
+    getter = {"DEFENDER_SOURCES": settings.defender_sources,
+              "DEFENDER_SYNC_FREQUENCY_MINUTES": settings.sync_frequency_minutes,
+              "SERVICENOW_CONN_ID": settings.servicenow_conn_id,
+              "DEFENDER_FORWARDING_RULES_FILE": settings.rules_file,
+              "DEFENDER_ALERT_POLL_SECONDS": settings.alert_poll_seconds}[settings_var]
+    getter(example)  # raises ConfigError on an invalid example value
+
+
+def test_dockerfile_base_image_matches_requirements():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    bases = re.findall(r"^FROM\s+(\S+)", dockerfile, flags=re.MULTILINE)
+    assert len(bases) == 1
+    pin = re.search(r"^apache-airflow==(\S+)\s*$", (ROOT / "requirements.txt").read_text(), flags=re.MULTILINE)
+    assert pin, "requirements.txt must pin apache-airflow"
+    assert bases[0] == f"apache/airflow:{pin.group(1)}"
+    image_pin = re.search(r"^apache-airflow==(\S+)\s*$", (ROOT / "requirements-image.txt").read_text(),
+                          flags=re.MULTILINE)
+    assert image_pin and image_pin.group(1) == pin.group(1), "requirements-image.txt must keep the same Airflow"
+
+
+def test_dockerfile_installs_requirements_then_the_package():
+    steps = [line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("RUN ")]
+    requirements = next(i for i, s in enumerate(steps) if "-r requirements-image.txt" in s)
+    package = next(i for i, s in enumerate(steps) if "--no-deps" in s and s.rstrip().endswith("."))
+    assert requirements < package
+    copied = " ".join(line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY"))
+    for path in ("requirements-image.txt", "pyproject.toml", "README.md", "plugins/defender_servicenow",
+                 "include", "dags"):
+        assert path in copied
+        assert (ROOT / path).exists(), f"the Dockerfile copies {path}, which does not exist"
