@@ -1,0 +1,147 @@
+"""Defender for IoT device attributes -> ServiceNow CMDB (through the IRE), every
+DEFENDER_SYNC_FREQUENCY_MINUTES. Thin: settings, schedule, params and wiring; the engine is
+``defender_servicenow.sync``."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Asset, AssetAlias, Param, dag, task
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from defender_servicenow import settings
+from defender_servicenow.exceptions import (
+    ConfigError,
+    DefenderAuthError,
+    DefenderCertificateError,
+    DefenderWrongApplianceError,
+    IntegrationError,
+    ServiceNowAuthError,
+    ServiceNowForbiddenError,
+    ServiceNowHibernatingError,
+    ServiceNowInvalidTableError,
+)
+
+log = logging.getLogger("defender_servicenow.device_sync")
+
+# Settings are validated here: a bad value is this DAG's import error, naming the variable and the rule.
+SOURCES = settings.defender_sources()
+FREQUENCY_MINUTES = settings.sync_frequency_minutes()
+SERVICENOW_CONN_ID = settings.servicenow_conn_id()
+RETIRE_AFTER_MISSING_RUNS = settings.retire_after_missing_runs()
+IRE_BATCH_SIZE = 100      # items per IRE request
+IRE_PARALLEL = 4          # IRE requests in flight per source
+
+# Change-detection state (asset state store; keys "<source>/..." are written only by that source's task).
+SYNC_STATE = Asset(name="defender_device_sync_state")
+# One asset per source, "defender_device_sync/<source>", whose events carry the Last Sync counts.
+LAST_SYNC = AssetAlias(name="defender_device_sync_last_sync")
+# Failures that a retry cannot fix: fail at once with the plain reason.
+NOT_RETRYABLE = (ServiceNowAuthError, ServiceNowHibernatingError, ServiceNowForbiddenError,
+                 ServiceNowInvalidTableError, DefenderAuthError, DefenderWrongApplianceError,
+                 DefenderCertificateError, ConfigError)
+
+DOC = f"""
+### Defender for IoT device sync
+
+Reads the device inventory of every source in `DEFENDER_SOURCES` ({", ".join(f"`{s}`" for s in SOURCES)}),
+one mapped task per source, and creates or updates the matching CIs in the ServiceNow CMDB through the
+Identification and Reconciliation Engine (connection `{SERVICENOW_CONN_ID}`). Runs every
+{FREQUENCY_MINUTES} minutes (`DEFENDER_SYNC_FREQUENCY_MINUTES`, minimum 5).
+
+* **Enable Sync**: this DAG's pause switch. Paused = sync off; unpause to turn it on.
+* **Last Sync**: each source's asset `defender_device_sync/<source>` gets an event per successful sync,
+  with the counts (seen, inserted, updated, unchanged, retired, skipped, failed) in its extra; the last
+  line of each task log is the same summary.
+* Only devices whose attributes changed since their last confirmed sync are sent. Trigger with
+  `full_resync` to send everything, `dry_run` to preview (the IRE reports what it would do; nothing is
+  written), `sources` to sync only some sources.
+* Devices deleted on the source are retired in ServiceNow (install status Retired), never deleted:
+  management console deletions at once, sensor devices after {RETIRE_AFTER_MISSING_RUNS} consecutive
+  successful syncs without them (`DEFENDER_RETIRE_AFTER_MISSING_RUNS`). A failed extraction retires nothing.
+"""
+
+
+@dag(
+    dag_id="defender_device_sync",
+    schedule=timedelta(minutes=FREQUENCY_MINUTES),
+    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=DOC,
+    tags=["defender-iot", "servicenow", "cmdb"],
+    default_args={"retries": 3, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": 2.0,
+                  "max_retry_delay": timedelta(minutes=30)},
+    params={
+        "full_resync": Param(False, type="boolean", title="Full resync",
+                             description="Send every device, ignoring change detection."),
+        "dry_run": Param(False, type="boolean", title="Dry run",
+                         description="Report what would be sent and retired; write nothing."),
+        "sources": Param([], type="array", items={"type": "string"}, title="Sources",
+                         description="Defender connection ids to sync; empty = all of DEFENDER_SOURCES "
+                                     f"({', '.join(SOURCES)})."),
+    },
+)
+def defender_device_sync():
+    @task(retries=0)
+    def select_sources(params=None) -> list[str]:
+        wanted = [str(s).strip() for s in (params or {}).get("sources") or [] if str(s).strip()]
+        unknown = [s for s in wanted if s not in SOURCES]
+        if unknown:
+            message = (f"Unknown source(s) {', '.join(map(repr, unknown))} in the 'sources' param: it takes "
+                       f"connection ids listed in DEFENDER_SOURCES ({', '.join(SOURCES)}); leave it empty to sync "
+                       "all of them")
+            log.error(message)
+            raise AirflowFailException(message)
+        selected = [s for s in SOURCES if s in wanted] if wanted else list(SOURCES)
+        log.info("Syncing %d source(s): %s", len(selected), ", ".join(selected))
+        return selected
+
+    @task(inlets=[SYNC_STATE], outlets=[LAST_SYNC], map_index_template="{{ defender_source }}")
+    def sync_source(source: str, params=None, asset_state_store=None, outlet_events=None) -> dict:
+        from airflow.sdk import get_current_context
+        from defender_servicenow.hooks.defender import DefenderIoTHook
+        from defender_servicenow.hooks.servicenow import ServiceNowHook
+        from defender_servicenow.mapping import load_class_mapping
+        from defender_servicenow.sync import DeviceSync
+
+        get_current_context()["defender_source"] = source   # the mapped task's label in the UI
+        try:
+            summary = DeviceSync(
+                source=source, defender=DefenderIoTHook(source), servicenow=ServiceNowHook(SERVICENOW_CONN_ID),
+                state_store=asset_state_store[SYNC_STATE], mapping=load_class_mapping(),
+                source_name=settings.source_name(), data_source=settings.data_source(),
+                batch_size=IRE_BATCH_SIZE, parallel=IRE_PARALLEL, full_resync=bool(params["full_resync"]),
+                dry_run=bool(params["dry_run"]), retire_after_missing_runs=RETIRE_AFTER_MISSING_RUNS,
+            ).run()
+        except NOT_RETRYABLE as exc:
+            log.error("Sync of %s failed and will not be retried: %s", source, exc)
+            raise AirflowFailException(f"Sync of {source} failed: {exc}") from None
+        except IntegrationError as exc:
+            log.error("Sync of %s failed (the task is retried with backoff): %s", source, exc)
+            raise AirflowException(f"Sync of {source} failed: {exc}") from None
+        counts = {name: getattr(summary, name) for name in summary.COUNTS}
+        result = {"source": source, **counts, "duration_s": round(summary.duration, 1), "dry_run": summary.dry_run,
+                  "errors": summary.errors}
+        if not summary.dry_run:
+            outlet_events[LAST_SYNC].add(Asset(name=f"defender_device_sync/{source}"),
+                                         extra={**result, "finished_at": pendulum.now("UTC").isoformat()})
+        return result
+
+    @task(retries=0, trigger_rule="all_done")   # report the sources that synced even when another failed
+    def report(results, params=None) -> str:
+        results = [r for r in results or [] if r]
+        totals = {name: sum(r[name] for r in results) for name in
+                  ("seen", "inserted", "updated", "unchanged", "retired", "skipped", "failed")}
+        for r in results:
+            log.info("%s: %s", r["source"], ", ".join(f"{k} {r[k]}" for k in totals))
+        line = (f"{len(results)} source(s) synced{' (dry run: nothing written)' if params['dry_run'] else ''}: "
+                + ", ".join(f"{k} {v}" for k, v in totals.items()))
+        log.info(line)
+        return line
+
+    report(sync_source.expand(source=select_sources()))
+
+
+defender_device_sync()

@@ -1,0 +1,527 @@
+"""Device sync engine: Defender for IoT inventory -> ServiceNow CMDB through the IRE.
+
+One :class:`DeviceSync` per source (a sensor or a management console). It takes the two hooks and a
+state store (anything with ``get(key, default)`` / ``set(key, value)``, e.g. Airflow's asset state store
+accessor or :class:`MemoryStateStore`), so it runs and is tested without Airflow.
+
+A run:
+
+1. streams the source's complete inventory; each device is mapped (:mod:`.mapping`); one that cannot be
+   mapped is skipped with its id and reason;
+2. compares the payload digest with the digest recorded at the last confirmed sync; unchanged devices are
+   not sent (``full_resync`` sends everything);
+3. sends the rest to the IRE in batches, several batches in parallel; per-item errors (MULTI_MATCH, ...)
+   are reported per device, the rest is committed and recorded;
+4. only after a complete extraction and a fully sent run, retires CIs of deleted devices (management
+   console ``deleteddevices``; sensors: absent from ``retire_after_missing_runs`` consecutive runs):
+   ``install_status=7``, ``operational_status=6`` through the Table API on the recorded sys_id;
+5. writes the state shards it changed (also when it fails part way, so what ServiceNow confirmed is never
+   sent twice) and, on success, the source's ``last sync`` record.
+
+State layout (one writer per key: each source only writes its own keys)::
+
+    <source>/meta            {"version", "shards", "last_success", "last_started", "counts"}
+    <source>/devices/<nnn>   {"<device id>": [digest, sys_id, class, missing_runs, retired], ...}
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Protocol
+
+from defender_servicenow.exceptions import ConfigError, ServiceNowError
+from defender_servicenow.mapping import ClassMapping, MappingError, map_device, payload_digest
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+DEFAULT_SHARDS = 128
+DELETED_LOOKBACK = timedelta(hours=1)   # overlap when asking the console for devices deleted since the last sync
+RETIRED = {"install_status": "7", "operational_status": "6"}
+REVIVED = {"install_status": "1", "operational_status": "1"}
+_MAX_DETAIL_LINES = 200                   # per-device log lines per kind; the rest are counted
+_INSERT_OPS = {"INSERT", "INSERT_AS_PARTIAL", "INSERT_AS_INCOMPLETE"}
+_D, _SYS_ID, _CLASS, _MISSING, _RETIRED = range(5)
+
+
+class StateStore(Protocol):
+    def get(self, key: str, default: Any = None) -> Any: ...
+    def set(self, key: str, value: Any) -> None: ...
+
+
+class MemoryStateStore:
+    """In-memory stand-in for the asset state store (tests, benchmarks); counts writes."""
+
+    def __init__(self, data: dict | None = None):
+        self.data: dict[str, Any] = dict(data or {})
+        self.writes = 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def set(self, key: str, value: Any) -> None:
+        if value is None:
+            raise ValueError("Cannot set value as None")
+        self.writes += 1
+        self.data[key] = value
+
+    def delete(self, key: str) -> None:
+        self.data.pop(key, None)
+
+
+class SyncConfigError(ConfigError):
+    """A setting ServiceNow rejects for every item (e.g. the data source): retrying cannot help."""
+
+
+# --------------------------------------------------------------------------- state
+
+
+class SourceState:
+    """The per-source change-detection state, sharded over the store's keys; writes only changed shards."""
+
+    def __init__(self, store: StateStore, source: str, shards: int = DEFAULT_SHARDS):
+        self.store, self.source = store, source
+        self.meta: dict = store.get(self._meta_key(), None) or {}
+        self.shards = int(self.meta.get("shards") or shards)
+        self._data: list[dict] = [dict(store.get(self._shard_key(i), None) or {}) for i in range(self.shards)]
+        self._dirty: set[int] = set()
+
+    def _meta_key(self) -> str:
+        return f"{self.source}/meta"
+
+    def _shard_key(self, index: int) -> str:
+        return f"{self.source}/devices/{index:03d}"
+
+    def _shard(self, device_id: str) -> int:
+        return zlib.crc32(device_id.encode()) % self.shards
+
+    def get(self, device_id: str) -> list | None:
+        return self._data[self._shard(device_id)].get(device_id)
+
+    def put(self, device_id: str, entry: list) -> None:
+        index = self._shard(device_id)
+        if self._data[index].get(device_id) != entry:
+            self._data[index][device_id] = entry
+            self._dirty.add(index)
+
+    def remove(self, device_id: str) -> None:
+        index = self._shard(device_id)
+        if self._data[index].pop(device_id, None) is not None:
+            self._dirty.add(index)
+
+    def items(self) -> Iterable[tuple[str, list]]:
+        for shard in self._data:
+            yield from list(shard.items())
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._data)
+
+    def save(self) -> int:
+        """Write the changed shards; returns how many."""
+        for index in sorted(self._dirty):
+            self.store.set(self._shard_key(index), self._data[index])
+        written = len(self._dirty)
+        self._dirty.clear()
+        return written
+
+    def save_meta(self, **values: Any) -> None:
+        self.meta = {**self.meta, "version": STATE_VERSION, "shards": self.shards, **values}
+        self.store.set(self._meta_key(), self.meta)
+
+
+# --------------------------------------------------------------------------- manufacturers
+
+
+class ManufacturerResolver:
+    """Vendor name -> ``core_company`` sys_id (the IRE takes references as sys_ids only).
+
+    Looks names up in bulk, creates the missing companies (``manufacturer=true``) unless ``create`` is
+    false (dry run), and caches the answers for the run.
+    """
+
+    def __init__(self, servicenow, *, create: bool = True, chunk: int = 50):
+        self.servicenow, self.create, self.chunk = servicenow, create, chunk
+        self.cache: dict[str, str | None] = {}
+        self.created = 0
+
+    def resolve(self, names: Iterable[str]) -> dict[str, str | None]:
+        missing = sorted({n for n in names if n and n not in self.cache})
+        for start in range(0, len(missing), self.chunk):
+            part = missing[start:start + self.chunk]
+            query = "^OR".join("name=" + n.replace("^", "^^") for n in part)
+            found: dict[str, str] = {}
+            for row in self.servicenow.query("core_company", query, fields=["sys_id", "name"]):
+                found.setdefault(str(row.get("name", "")).lower(), row["sys_id"])
+            for name in part:
+                sys_id = found.get(name.lower())
+                if sys_id is None and self.create:
+                    sys_id = self.servicenow.create_record("core_company", {"name": name, "manufacturer": "true"})["sys_id"]
+                    self.created += 1
+                    log.info("Created the manufacturer %r in core_company (%s)", name, sys_id)
+                self.cache[name] = sys_id
+        return self.cache
+
+    def apply(self, items: list[dict]) -> None:
+        """Replace each item's ``manufacturer`` name by its sys_id (dropped when unknown in a dry run)."""
+        cache = self.resolve(i["values"].get("manufacturer") for i in items)
+        for item in items:
+            name = item["values"].get("manufacturer")
+            if name is not None:
+                if cache.get(name):
+                    item["values"]["manufacturer"] = cache[name]
+                else:
+                    del item["values"]["manufacturer"]
+
+
+# --------------------------------------------------------------------------- summary
+
+
+@dataclass
+class SyncSummary:
+    source: str
+    seen: int = 0
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    retired: int = 0
+    skipped: int = 0
+    failed: int = 0
+    duration: float = 0.0
+    dry_run: bool = False
+    full_resync: bool = False
+    would_send: int = 0
+    would_retire: int = 0
+    ire_requests: int = 0
+    errors: dict[str, int] = field(default_factory=dict)          # IRE error code -> devices
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)  # code -> first device ids
+
+    COUNTS = ("seen", "inserted", "updated", "unchanged", "retired", "skipped", "failed")
+
+    def line(self) -> str:
+        """The final log line: source, the counts, duration."""
+        counts = " ".join(f"{name}={getattr(self, name)}" for name in self.COUNTS)
+        extra = (f" (dry run, nothing written: the IRE preview above is for {self.would_send} devices; "
+                 f"would retire {self.would_retire})") if self.dry_run else ""
+        return f"Last sync of {self.source}: {counts} duration={self.duration:.1f}s{extra}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def _example(self, code: str, device_id: str) -> None:
+        ids = self.examples.setdefault(code, [])
+        if len(ids) < 20:
+            ids.append(device_id)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+@dataclass
+class _Pending:
+    device_id: str
+    digest: str
+    class_name: str
+    follow_up: dict | None = None    # first contact: the full item, sent once the CI is identified
+    is_follow_up: bool = False
+
+
+def first_contact_item(item: dict) -> dict | None:
+    """The item to send for a device ServiceNow has not confirmed yet, when it has a serial or a MAC.
+
+    The IRE falls back to ``name`` when the serial/MAC lookups find nothing, and Defender names are often
+    an IP or a label shared by devices at other sites: a name match would merge two devices. So the first
+    contact carries the MAC (else the serial) as the name -- ServiceNow's own advice for CIs known by MAC --
+    and the real name follows in a second item, matched through ``sys_object_source``. None: no serial or
+    MAC, the item is sent as it is.
+    """
+    values = item["values"]
+    macs = [x["values"]["mac_address"] for x in item["lookup"] if x["className"] == "cmdb_ci_network_adapter"]
+    identifier = macs[0] if macs else values.get("serial_number")
+    if not identifier or values.get("name") == identifier:
+        return None
+    return {**item, "values": {**values, "name": identifier}}
+
+
+class DeviceSync:
+    """Sync one Defender source into the CMDB. See the module docstring for the steps.
+
+    :param source: the Defender connection id (prefix of every native key and state key).
+    :param defender: a ``DefenderIoTHook`` (or anything with ``appliance``, ``iter_devices`` and, for a
+        management console, ``deleted_device_ids``).
+    :param servicenow: a ``ServiceNowHook`` (``identify_reconcile``, ``update_record``).
+    :param state_store: ``get``/``set`` key-value store owned by this source's task.
+    :param batch_size: IRE items per request; ``parallel``: IRE requests in flight at once.
+    """
+
+    def __init__(self, *, source: str, defender, servicenow, state_store: StateStore, mapping: ClassMapping,
+                 source_name: str, data_source: str, batch_size: int = 100, parallel: int = 4,
+                 full_resync: bool = False, dry_run: bool = False, retire_after_missing_runs: int = 3,
+                 shards: int = DEFAULT_SHARDS, last_seen_resolution_hours: int = 24,
+                 clock: Callable[[], datetime] | None = None):
+        if batch_size < 1 or parallel < 1 or retire_after_missing_runs < 1:
+            raise ValueError("batch_size, parallel and retire_after_missing_runs must be at least 1")
+        self.source, self.defender, self.servicenow = source, defender, servicenow
+        self.store, self.mapping = state_store, mapping
+        self.source_name, self.data_source = source_name, data_source
+        self.batch_size, self.parallel = batch_size, parallel
+        self.full_resync, self.dry_run = full_resync, dry_run
+        self.retire_after = retire_after_missing_runs
+        self.shards, self.resolution = shards, last_seen_resolution_hours
+        self.clock = clock or (lambda: datetime.now(timezone.utc))
+        self._detail: Counter = Counter()
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> SyncSummary:
+        started, t0 = self.clock(), time.monotonic()
+        summary = SyncSummary(source=self.source, dry_run=self.dry_run, full_resync=self.full_resync)
+        state = SourceState(self.store, self.source, self.shards)
+        mode = "dry run" if self.dry_run else ("full resync" if self.full_resync else "changes only")
+        log.info("Syncing %s (%s, %s) into ServiceNow: %d devices recorded from earlier syncs, batches of %d, "
+                 "%d in parallel", self.source, self.defender.appliance, mode, len(state), self.batch_size,
+                 self.parallel)
+        ok = False
+        try:
+            present = self._send_inventory(state, summary)
+            self._retire(state, summary, present)
+            ok = True
+        finally:
+            summary.duration = time.monotonic() - t0
+            if not self.dry_run:
+                written = state.save()
+                if ok:
+                    state.save_meta(last_success=started.isoformat(),
+                                    counts={k: getattr(summary, k) for k in SyncSummary.COUNTS})
+                log.info("Recorded the state of %s: %d devices known, %d state shards written", self.source,
+                         len(state), written)
+            self._log_totals(summary)
+            if not ok:
+                log.error("Sync of %s stopped part way; what ServiceNow confirmed so far is recorded: %s",
+                          self.source, summary.line())
+        log.info(summary.line())
+        return summary
+
+    # ------------------------------------------------------------------ send
+
+    def _send_inventory(self, state: SourceState, summary: SyncSummary) -> set[str]:
+        """Stream, map, diff and send; return the ids present in the (complete) inventory."""
+        present: set[str] = set()
+        self._batch: list[tuple[dict, _Pending]] = []
+        in_flight: deque[tuple[Future, list[_Pending]]] = deque()
+        failure: BaseException | None = None
+        pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix=f"ire-{self.source}")
+        manufacturers = ManufacturerResolver(self.servicenow, create=not self.dry_run)
+
+        def submit() -> None:
+            batch, self._batch = self._batch, []
+            items, pending = [b[0] for b in batch], [b[1] for b in batch]
+            manufacturers.apply(items)
+            summary.would_send += len(items) if self.dry_run else 0
+            summary.ire_requests += 1
+            kwargs = {"dry_run": True} if self.dry_run else {}   # dry run: the IRE's /query endpoint
+            in_flight.append((pool.submit(self.servicenow.identify_reconcile, items, self.data_source, **kwargs),
+                              pending))
+            while len(in_flight) >= self.parallel * 2:   # bounded memory: wait for the oldest
+                self._collect(*in_flight.popleft(), state, summary)
+
+        try:
+            for record in self.defender.iter_devices():
+                item, pending = self._prepare(record, state, summary, present)
+                if item is not None:
+                    self._batch.append((item, pending))
+                if len(self._batch) >= self.batch_size:
+                    submit()
+            while self._batch or in_flight:   # the rest, and the follow-ups of first contacts
+                if self._batch:
+                    submit()
+                else:
+                    self._collect(*in_flight.popleft(), state, summary)
+        except BaseException as exc:   # stop sending, but record what ServiceNow already confirmed
+            failure = exc
+            for future, _ in in_flight:
+                future.cancel()
+        finally:
+            while in_flight:
+                future, pending = in_flight.popleft()
+                if future.cancelled():
+                    continue
+                try:
+                    self._collect(future, pending, state, summary)
+                except BaseException as exc:
+                    failure = failure or exc
+            pool.shutdown(wait=True)
+            self._batch = []
+        if failure is not None:
+            raise failure
+        return present
+
+    def _prepare(self, record, state: SourceState, summary: SyncSummary, present: set[str]):
+        """One inventory record -> ``(IRE item, pending)`` to send, or ``(None, None)`` (skipped/unchanged)."""
+        if not hasattr(record, "native_key"):   # InvalidRecord
+            summary.skipped += 1
+            summary.skip_reasons["invalid record"] = summary.skip_reasons.get("invalid record", 0) + 1
+            if record.record_id is not None:
+                present.add(str(record.record_id))   # it exists: not "missing"
+            self._detail_log("skipped", "Skipped record %s of %s: %s", record.record_id or "(no id)", self.source,
+                             record.reason)
+            return None, None
+        device_id = str(record.id)
+        if device_id in present:
+            return None, None   # listed twice in one inventory
+        present.add(device_id)
+        summary.seen += 1
+        try:
+            item = map_device(record, source_name=self.source_name, mapping=self.mapping)
+        except MappingError as exc:
+            summary.skipped += 1
+            summary.skip_reasons[str(exc)] = summary.skip_reasons.get(str(exc), 0) + 1
+            self._detail_log("skipped", "Skipped device %s (%s) of %s: %s", device_id, record.name, self.source, exc)
+            return None, None
+        digest = payload_digest(item, last_seen_resolution_hours=self.resolution)
+        entry = state.get(device_id)
+        if entry and entry[_MISSING]:
+            state.put(device_id, [*entry[:_MISSING], 0, entry[_RETIRED]])
+        revived = bool(entry and entry[_RETIRED])
+        if entry and not revived and not self.full_resync and entry[_D] == digest:
+            summary.unchanged += 1
+            return None, None
+        if revived:
+            item["values"].update(REVIVED)
+        pending = _Pending(device_id, digest, item["className"])
+        if not (entry and entry[_SYS_ID]):
+            first = first_contact_item(item)
+            if first is not None:   # identify by serial/MAC first; the full item follows once it is known
+                pending.follow_up = item
+                return first, pending
+        return item, pending
+
+    def _collect(self, future: Future, pending: list[_Pending], state: SourceState, summary: SyncSummary) -> None:
+        """Apply one IRE answer: count, log per device, record the confirmed items."""
+        result = future.result()
+        by_index: dict[int, dict] = {}
+        for position, item in enumerate(result.get("items") or []):
+            for index in [i for i in (item.get("inputIndices") or []) if isinstance(i, int)] or [position]:
+                by_index.setdefault(index, item)
+        data_source_errors = 0
+        for index, p in enumerate(pending):
+            item = by_index.get(index)
+            errors = (item or {}).get("errors") or []
+            sys_id = (item or {}).get("sysId")
+            operation = str((item or {}).get("operation") or "")
+            unidentified = not self.dry_run and (not sys_id or sys_id == "Unknown")   # a preview has no sys_id
+            if item is None or errors or unidentified:
+                code = str(errors[0].get("error", "ERROR")) if errors else "NO_RESULT"
+                message = str(errors[0].get("message", "")) if errors else "ServiceNow returned no result for it"
+                if code == "INVALID_INPUT_DATA" and "data source" in message:
+                    data_source_errors += 1
+                summary.failed += 1
+                summary.errors[code] = summary.errors.get(code, 0) + 1
+                summary._example(code, p.device_id)
+                self._detail_log("failed", "ServiceNow rejected device %s of %s (%s): %s %s", p.device_id,
+                                 self.source, p.class_name, code, message[:300])
+                continue
+            if p.is_follow_up:
+                pass   # counted with its first contact
+            elif operation in _INSERT_OPS:
+                summary.inserted += 1
+            elif operation == "NO_CHANGE":
+                summary.unchanged += 1
+            else:
+                summary.updated += 1
+            if self.dry_run:
+                continue
+            # A first contact is recorded without digest: if its follow-up never lands, the next run resends.
+            state.put(p.device_id, ["" if p.follow_up else p.digest, sys_id,
+                                    item.get("className") or p.class_name, 0, 0])
+            if p.follow_up:
+                self._batch.append((p.follow_up, _Pending(p.device_id, p.digest, p.class_name, is_follow_up=True)))
+        if data_source_errors and data_source_errors == len(pending):
+            raise SyncConfigError(
+                f"ServiceNow rejected the data source {self.data_source!r} for every item "
+                "(INVALID_INPUT_DATA). It must be a choice of cmdb_ci.discovery_source: add the choice on the "
+                "instance or set SERVICENOW_DATA_SOURCE to an existing one (default 'Other Automated')")
+
+    # ------------------------------------------------------------------ retire
+
+    def _retire(self, state: SourceState, summary: SyncSummary, present: set[str]) -> None:
+        """Retire CIs of devices deleted on the source (only called after a complete, fully sent run)."""
+        if self.defender.appliance == "management_console":
+            candidates = self._deleted_on_console(state, present)
+        else:
+            candidates = []
+            for device_id, entry in state.items():
+                if device_id in present or entry[_RETIRED]:
+                    continue
+                missing = entry[_MISSING] + 1
+                if missing >= self.retire_after:
+                    candidates.append(device_id)
+                elif not self.dry_run:
+                    state.put(device_id, [*entry[:_MISSING], missing, 0])
+                    log.info("Device %s of %s is missing from the inventory (%d of %d runs before it is "
+                             "retired)", device_id, self.source, missing, self.retire_after)
+        for device_id in candidates:
+            entry = state.get(device_id)
+            if self.dry_run:
+                summary.would_retire += 1
+                log.info("Would retire device %s of %s (%s %s)", device_id, self.source, entry[_CLASS],
+                         entry[_SYS_ID])
+                continue
+            try:
+                self.servicenow.update_record(entry[_CLASS], entry[_SYS_ID], dict(RETIRED))
+            except ServiceNowError as exc:
+                if exc.status == 404:
+                    log.info("The CI of device %s of %s (%s %s) no longer exists in ServiceNow; forgetting it",
+                             device_id, self.source, entry[_CLASS], entry[_SYS_ID])
+                    state.remove(device_id)
+                    continue
+                raise
+            summary.retired += 1
+            state.put(device_id, [entry[_D], entry[_SYS_ID], entry[_CLASS], 0, 1])
+            self._detail_log("retired", "Retired device %s of %s: %s %s (install_status 7, operational_status 6)",
+                             device_id, self.source, entry[_CLASS], entry[_SYS_ID])
+
+    def _deleted_on_console(self, state: SourceState, present: set[str]) -> list[str]:
+        last = self.meta_last_success(state)
+        if last is None:
+            return []   # first sync: nothing recorded yet that could be retired
+        deleted = self.defender.deleted_device_ids(last - DELETED_LOOKBACK)
+        out = []
+        for device_id in map(str, deleted):
+            entry = state.get(device_id)
+            if entry and not entry[_RETIRED] and device_id not in present:
+                out.append(device_id)
+        return out
+
+    @staticmethod
+    def meta_last_success(state: SourceState) -> datetime | None:
+        raw = state.meta.get("last_success")
+        try:
+            return datetime.fromisoformat(raw) if raw else None
+        except ValueError:
+            return None
+
+    # ------------------------------------------------------------------ logging
+
+    def _detail_log(self, kind: str, message: str, *args: Any) -> None:
+        self._detail[kind] += 1
+        if self._detail[kind] <= _MAX_DETAIL_LINES:
+            (log.info if kind == "retired" else log.warning)(message, *args)
+
+    def _log_totals(self, summary: SyncSummary) -> None:
+        for kind, count in self._detail.items():
+            if count > _MAX_DETAIL_LINES:
+                log.warning("... and %d more devices %s (only the first %d are listed above)",
+                            count - _MAX_DETAIL_LINES, kind, _MAX_DETAIL_LINES)
+        for code, count in sorted(summary.errors.items()):
+            log.warning("%s: %d devices failed with %s, e.g. device ids %s", self.source, count, code,
+                        ", ".join(summary.examples.get(code, [])[:10]))
+        for reason, count in sorted(summary.skip_reasons.items()):
+            log.warning("%s: %d skipped: %s", self.source, count, reason)

@@ -1,0 +1,192 @@
+"""defender_device_sync: DAG import and settings validation, then dag.test() runs against the simulators.
+
+Settings are read when the DAG file is parsed, so every test sets its environment first and loads the file
+fresh (DagBag on the one file).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+DAG_FILE = Path(__file__).resolve().parents[1] / "dags" / "defender_device_sync.py"
+
+
+def load_dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(DAG_FILE), safe_mode=False)
+
+
+def load_dag():
+    bag = load_dagbag()
+    assert bag.import_errors == {}, bag.import_errors
+    return bag.dags["defender_device_sync"]
+
+
+# --------------------------------------------------------------------------- import and settings
+
+
+def test_dag_imports_with_defaults(monkeypatch):
+    for name in ("DEFENDER_SOURCES", "DEFENDER_SYNC_FREQUENCY_MINUTES", "DEFENDER_RETIRE_AFTER_MISSING_RUNS"):
+        monkeypatch.delenv(name, raising=False)
+    dag = load_dag()
+    assert dag.timetable.delta == timedelta(hours=1)
+    assert dag.catchup is False and dag.max_active_runs == 1
+    assert set(dag.params) == {"full_resync", "dry_run", "sources"}
+    assert dag.params["full_resync"] is False and dag.params["dry_run"] is False and dag.params["sources"] == []
+    assert "Enable Sync" in dag.doc_md and "pause" in dag.doc_md.lower()
+    assert {t.task_id for t in dag.tasks} == {"select_sources", "sync_source", "report"}
+    sync = dag.get_task("sync_source")
+    assert sync.retries >= 1 and sync.retry_exponential_backoff
+
+
+def test_frequency_setting_is_the_schedule(monkeypatch):
+    monkeypatch.setenv("DEFENDER_SYNC_FREQUENCY_MINUTES", "5")
+    dag = load_dag()
+    assert dag.timetable.delta == timedelta(minutes=5)
+
+
+@pytest.mark.parametrize(("value", "rule"), [("4", "at least 5"), ("0", "at least 5"), ("-10", "at least 5"),
+                                             ("abc", "whole number"), ("7.5", "whole number")])
+def test_bad_frequency_is_an_import_error_naming_the_variable(monkeypatch, value, rule):
+    monkeypatch.setenv("DEFENDER_SYNC_FREQUENCY_MINUTES", value)
+    bag = load_dagbag()
+    assert "defender_device_sync" not in bag.dags
+    (message,) = bag.import_errors.values()
+    assert "DEFENDER_SYNC_FREQUENCY_MINUTES" in message and rule in message
+
+
+@pytest.mark.parametrize(("name", "value"), [("DEFENDER_RETIRE_AFTER_MISSING_RUNS", "0"),
+                                             ("DEFENDER_SOURCES", "a,,b")])
+def test_other_bad_settings_are_import_errors(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    (message,) = load_dagbag().import_errors.values()
+    assert name in message
+
+
+# --------------------------------------------------------------------------- dag.test() against the simulators
+
+
+@pytest.fixture
+def fast_servicenow_retries(monkeypatch):
+    """The hook's retries of one call take at most 1 s here (default 300 s)."""
+    from defender_servicenow.hooks.servicenow import ServiceNowHook
+
+    monkeypatch.setitem(ServiceNowHook.__init__.__kwdefaults__, "max_retry_time", 1.0)
+
+
+def run_dag(conf: dict | None = None, *, retries: int = 0):
+    dag = load_dag()
+    for task in dag.tasks:
+        task.retries = retries          # dag.test() would otherwise wait for the retry delay
+    return dag.test(run_conf=conf or {})
+
+
+def task_states(dagrun) -> dict[str, str]:
+    out = {}
+    for ti in dagrun.get_task_instances():
+        key = ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"
+        out[key] = str(getattr(ti.state, "value", ti.state))
+    return out
+
+
+def last_sync_events(source: str) -> list[dict]:
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        rows = session.scalars(select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                               .where(AssetModel.name == f"defender_device_sync/{source}")
+                               .order_by(AssetEvent.id)).all()
+        return [dict(row.extra or {}) for row in rows]
+
+
+def cis(sn_sim, prefix: str) -> dict[str, dict]:
+    return {r["id"]: sn_sim.get(r["target_sys_id"]) for r in sn_sim.table("sys_object_source")
+            if r["id"].startswith(prefix + ":")}
+
+
+def ire_requests(sn_sim) -> int:
+    return sum(n for route, n in sn_sim.counters().get("by_route", {}).items() if "identifyreconcile" in route)
+
+
+@pytest.mark.airflow_db
+def test_sensor_architecture_two_sensors(airflow_db, monkeypatch, defender_sim_factory, servicenow_conn):
+    s1 = defender_sim_factory(mode="sensor", devices=30, seed=11, conn_id="dagtest_sensor_1")
+    defender_sim_factory(mode="sensor", devices=20, seed=12, conn_id="dagtest_sensor_2")
+    monkeypatch.setenv("DEFENDER_SOURCES", "dagtest_sensor_1,dagtest_sensor_2")
+    monkeypatch.setenv("DEFENDER_RETIRE_AFTER_MISSING_RUNS", "1")
+    sn = servicenow_conn.sim
+
+    first = run_dag()                                     # 1. the first sync creates the CIs
+    assert task_states(first) == {"select_sources": "success", "sync_source[0]": "success",
+                                  "sync_source[1]": "success", "report": "success"}
+    ci1, ci2 = cis(sn, "dagtest_sensor_1"), cis(sn, "dagtest_sensor_2")
+    assert len(ci1) >= 28 and len(ci2) >= 18
+    (event,) = last_sync_events("dagtest_sensor_1")
+    assert event["inserted"] == len(ci1) and event["seen"] == 30 and event["failed"] == 0
+
+    writes = ire_requests(sn)                             # 2. a second sync sends no writes
+    second = run_dag()
+    assert str(second.state.value if hasattr(second.state, "value") else second.state) == "success"
+    assert ire_requests(sn) == writes
+    assert last_sync_events("dagtest_sensor_1")[-1]["unchanged"] == len(ci1)
+
+    changed_key, deleted_key = sorted(ci1)[:2]            # 3. changed -> updated, deleted -> retired
+    s1.sim.update_device(int(changed_key.split(":")[1]), name="Renamed-PLC")
+    s1.sim.delete_device(int(deleted_key.split(":")[1]))
+    run_dag()
+    after = cis(sn, "dagtest_sensor_1")
+    assert after[changed_key]["name"] == "Renamed-PLC" and after[changed_key]["sys_id"] == ci1[changed_key]["sys_id"]
+    assert (after[deleted_key]["install_status"], after[deleted_key]["operational_status"]) == ("7", "6")
+    event = last_sync_events("dagtest_sensor_1")[-1]
+    assert (event["updated"], event["retired"], event["inserted"]) == (1, 1, 0)
+    assert len(cis(sn, "dagtest_sensor_2")) == len(ci2)
+
+
+@pytest.mark.airflow_db
+def test_management_console_rerun_after_outage_duplicates_nothing(airflow_db, monkeypatch, defender_sim_factory,
+                                                                   servicenow_conn, fast_servicenow_retries):
+    from defender_servicenow.hooks.servicenow import ServiceNowHook
+
+    defender_sim_factory(mode="management_console", devices=250, sensors=2, conn_id="dagtest_cm")
+    monkeypatch.setenv("DEFENDER_SOURCES", "dagtest_cm")
+    sn = servicenow_conn.sim
+    real, calls = ServiceNowHook.identify_reconcile, []
+
+    def flaky(self, *args, **kw):                         # ServiceNow answers 503 from the 3rd IRE call on
+        calls.append(1)
+        if len(calls) == 3:
+            sn.set_faults(fail_next={"count": 100000, "status": 503, "path_prefix": "/api/now/identifyreconcile"})
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(ServiceNowHook, "identify_reconcile", flaky)
+    failed = run_dag()
+    assert task_states(failed)["sync_source[0]"] == "failed"
+    assert task_states(failed)["report"] == "success"            # reports what did sync
+    partial = cis(sn, "dagtest_cm")
+    assert 0 < len(partial) < 240 and last_sync_events("dagtest_cm") == []
+
+    sn.faults.fail_next.clear()
+    ok = run_dag()
+    assert task_states(ok)["sync_source[0]"] == "success"
+    written = cis(sn, "dagtest_cm")
+    assert len(written) == len(sn.select("cmdb_ci_hardware")) >= 240         # one CI per device, no duplicates
+    assert all(written[k]["sys_id"] == ci["sys_id"] for k, ci in partial.items())
+    event = last_sync_events("dagtest_cm")[-1]
+    assert event["inserted"] == len(written) - len(partial) and event["failed"] == 0
+
+
+@pytest.mark.airflow_db
+def test_unknown_source_param_fails_plainly(airflow_db, monkeypatch, defender_sim_factory, servicenow_conn, capfd):
+    defender_sim_factory(mode="sensor", devices=5, conn_id="dagtest_sensor_1")
+    monkeypatch.setenv("DEFENDER_SOURCES", "dagtest_sensor_1")
+    dagrun = run_dag({"sources": ["dagtest_sensor_9"]})
+    assert task_states(dagrun)["select_sources"] == "failed"
+    out, err = capfd.readouterr()
+    assert "Unknown source(s) 'dagtest_sensor_9' in the 'sources' param" in out + err
+    assert cis(servicenow_conn.sim, "dagtest_sensor_1") == {}

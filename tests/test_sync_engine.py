@@ -1,0 +1,359 @@
+"""Device sync engine: change detection, per-item errors, failures part way, retirement, dry run.
+
+The first group drives the engine with small in-process fakes (exact control over answers); the second
+runs it against the Defender and ServiceNow simulators through the real hooks.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from defender_servicenow.exceptions import ServiceNowAuthError, ServiceNowUnavailableError
+from defender_servicenow.mapping import load_class_mapping
+from defender_servicenow.models import Device, Firmware, InvalidRecord
+from defender_servicenow.sync import DeviceSync, MemoryStateStore, SourceState, SyncConfigError
+
+MAPPING = load_class_mapping()
+
+
+def device(i: int, source: str = "sensor_a", **fields) -> Device:
+    base = dict(source=source, appliance_name="sensor-a", id=i, name=f"PLC-{i}", type="PLC",
+                mac_addresses=[f"00:02:a2:00:00:{i:02x}"], ip_addresses=[f"10.0.0.{i}"], vendor="Siemens",
+                firmware=[Firmware(serial=f"SN{i}", model="1756-L73")])
+    return Device(**{**base, **fields})
+
+
+class FakeDefender:
+    def __init__(self, devices, appliance="sensor", deleted=()):
+        self.devices, self.appliance, self.deleted = list(devices), appliance, list(deleted)
+        self.fail_after: int | None = None
+
+    def iter_devices(self):
+        for n, d in enumerate(self.devices):
+            if self.fail_after is not None and n >= self.fail_after:
+                from defender_servicenow.exceptions import DefenderUnreachableError
+                raise DefenderUnreachableError("sensor unreachable")
+            yield d
+
+    def deleted_device_ids(self, since):
+        return self.deleted
+
+
+class FakeServiceNow:
+    """The IRE by native key; ``errors`` maps native keys to an error code; ``fail_on_call`` raises."""
+
+    def __init__(self):
+        self.cis: dict[str, dict] = {}
+        self.calls = 0
+        self.items_sent = 0
+        self.errors: dict[str, str] = {}
+        self.fail_on_call: int | None = None
+        self.fail_with = ServiceNowUnavailableError("503 for a while")
+        self.updates: list[tuple] = []
+        self.companies: dict[str, str] = {}
+        self._ids = itertools.count(1)
+
+    def identify_reconcile(self, items, data_source, *, dry_run=False):
+        self.calls += 1
+        if self.fail_on_call is not None and self.calls >= self.fail_on_call:
+            raise self.fail_with
+        out = []
+        for index, item in enumerate(items):
+            key = item["sys_object_source_info"]["source_native_key"]
+            assert data_source == "Other Automated"
+            if key in self.errors:
+                out.append({"className": item["className"], "sysId": "Unknown", "inputIndices": [index],
+                            "errors": [{"error": self.errors[key], "message": "explained"}]})
+                continue
+            if dry_run:
+                op = "UPDATE" if key in self.cis else "INSERT"
+                out.append({"className": item["className"], "operation": op,
+                            "sysId": self.cis.get(key, {}).get("sys_id", "Unknown"), "inputIndices": [index]})
+                continue
+            self.items_sent += 1
+            ci = self.cis.get(key)
+            op = "UPDATE" if ci else "INSERT"
+            if not ci:
+                ci = self.cis[key] = {"sys_id": f"{next(self._ids):032x}"}
+            ci.update(item["values"], className=item["className"])
+            out.append({"className": item["className"], "operation": op, "sysId": ci["sys_id"],
+                        "inputIndices": [index]})
+        return {"items": out}
+
+    def update_record(self, table, sys_id, values):
+        self.updates.append((table, sys_id, values))
+        for ci in self.cis.values():
+            if ci["sys_id"] == sys_id:
+                ci.update(values)
+        return {"sys_id": sys_id}
+
+    def query(self, table, query="", fields=None, limit=None):
+        assert table == "core_company"
+        names = [part.removeprefix("name=") for part in query.split("^OR")]
+        return [{"sys_id": self.companies[n], "name": n} for n in names if n in self.companies]
+
+    def create_record(self, table, values):
+        self.companies[values["name"]] = sys_id = f"c{next(self._ids):031x}"
+        return {"sys_id": sys_id}
+
+
+def run(defender, servicenow, store, **kw):
+    options = dict(source="sensor_a", defender=defender, servicenow=servicenow, state_store=store,
+                   mapping=MAPPING, source_name="MicrosoftDefenderIoT", data_source="Other Automated",
+                   batch_size=3, parallel=2)
+    return DeviceSync(**{**options, **kw}).run()
+
+
+def test_first_sync_inserts_then_nothing_is_resent():
+    defender, sn, store = FakeDefender([device(i) for i in range(1, 11)]), FakeServiceNow(), MemoryStateStore()
+    first = run(defender, sn, store)
+    assert (first.seen, first.inserted, first.updated, first.unchanged) == (10, 10, 0, 0)
+    # first contact by MAC (MAC as name), then the full item: 2 items per new device, batches of 3
+    assert sn.items_sent == 20 and sn.calls <= 8
+    assert sorted(ci["name"] for ci in sn.cis.values()) == sorted(f"PLC-{i}" for i in range(1, 11))
+    assert all(ci["manufacturer"] == sn.companies["Siemens"] for ci in sn.cis.values())  # sys_id, not name
+    calls, writes = sn.calls, store.writes
+    second = run(defender, sn, store)
+    assert (second.seen, second.inserted, second.updated, second.unchanged) == (10, 0, 0, 10)
+    assert sn.calls == calls                                       # no-change resync: no IRE call at all
+    assert store.writes == writes + 1                              # only the meta record
+    defender.devices[4] = device(5, vendor="Rockwell")
+    third = run(defender, sn, store)
+    assert (third.updated, third.unchanged) == (1, 9) and sn.items_sent == 21
+    full = run(defender, sn, store, full_resync=True)
+    assert full.updated == 10 and sn.items_sent == 31
+
+
+def test_first_contact_uses_the_mac_as_name_only_when_there_is_one():
+    from defender_servicenow.mapping import map_device
+    from defender_servicenow.sync import first_contact_item
+
+    with_mac = map_device(device(1), source_name="s", mapping=MAPPING)
+    assert first_contact_item(with_mac)["values"]["name"] == "00:02:a2:00:00:01"
+    serial_only = map_device(device(2, mac_addresses=[]), source_name="s", mapping=MAPPING)
+    assert first_contact_item(serial_only)["values"]["name"] == "SN2"
+    neither = map_device(device(3, mac_addresses=[], firmware=[]), source_name="s", mapping=MAPPING)
+    assert first_contact_item(neither) is None
+
+
+def test_item_errors_are_reported_per_device_and_not_recorded(caplog):
+    defender, sn, store = FakeDefender([device(i) for i in range(1, 6)]), FakeServiceNow(), MemoryStateStore()
+    sn.errors["sensor_a:3"] = "MULTI_MATCH"
+    summary = run(defender, sn, store)
+    assert (summary.inserted, summary.failed) == (4, 1)
+    assert summary.errors == {"MULTI_MATCH": 1} and summary.examples["MULTI_MATCH"] == ["3"]
+    assert "device 3 of sensor_a" in caplog.text and "MULTI_MATCH" in caplog.text
+    del sn.errors["sensor_a:3"]
+    again = run(defender, sn, store)                               # only the failed one is resent
+    assert (again.inserted, again.unchanged) == (1, 4)
+
+
+def test_failure_part_way_records_what_was_confirmed():
+    defender, sn, store = FakeDefender([device(i) for i in range(1, 13)]), FakeServiceNow(), MemoryStateStore()
+    sn.fail_on_call = 3
+    with pytest.raises(ServiceNowUnavailableError):
+        run(defender, sn, store, parallel=1)
+    confirmed = len(SourceState(store, "sensor_a"))
+    assert 0 < confirmed < 12                                      # the batches confirmed before the 503
+    assert "last_success" not in store.get("sensor_a/meta", {})
+    sn.fail_on_call = None
+    again = run(defender, sn, store)
+    assert again.inserted == 12 - confirmed and again.failed == 0
+    assert len(sn.cis) == 12
+    assert sn.items_sent == 24                                     # 2 per device, none sent twice
+    assert all(ci["name"].startswith("PLC-") for ci in sn.cis.values())
+
+
+def test_auth_failure_propagates_unchanged():
+    sn = FakeServiceNow()
+    sn.fail_on_call, sn.fail_with = 1, ServiceNowAuthError("credentials rejected")
+    with pytest.raises(ServiceNowAuthError):
+        run(FakeDefender([device(1)]), sn, MemoryStateStore())
+
+
+def test_invalid_data_source_fails_the_run():
+    sn = FakeServiceNow()
+    sn.errors = {f"sensor_a:{i}": "INVALID_INPUT_DATA" for i in (1, 2)}
+    original = sn.identify_reconcile
+
+    def reject(items, data_source, **kw):
+        result = original(items, data_source, **kw)
+        for item in result["items"]:
+            item["errors"] = [{"error": "INVALID_INPUT_DATA", "message": "In payload invalid data source [x] exist"}]
+        return result
+
+    sn.identify_reconcile = reject
+    with pytest.raises(SyncConfigError, match="SERVICENOW_DATA_SOURCE"):
+        run(FakeDefender([device(1), device(2)]), sn, MemoryStateStore())
+
+
+def test_unmappable_and_invalid_records_are_skipped_and_counted():
+    records = [device(1), device(2, type="Physical Location"),
+               InvalidRecord(source="sensor_a", record_id="99", reason="device: 'id' is not an integer")]
+    summary = run(FakeDefender(records), FakeServiceNow(), MemoryStateStore())
+    assert (summary.seen, summary.inserted, summary.skipped) == (2, 1, 2)
+
+
+def test_sensor_device_missing_n_runs_is_retired_never_on_failed_extraction():
+    devices = [device(i) for i in range(1, 5)]
+    defender, sn, store = FakeDefender(devices), FakeServiceNow(), MemoryStateStore()
+    run(defender, sn, store, retire_after_missing_runs=2)
+    defender.devices = devices[:3]                                  # device 4 gone
+    defender.fail_after = 1
+    with pytest.raises(Exception, match="unreachable"):
+        run(defender, sn, store, retire_after_missing_runs=2)
+    defender.fail_after = None
+    assert run(defender, sn, store, retire_after_missing_runs=2).retired == 0   # missing 1 of 2
+    summary = run(defender, sn, store, retire_after_missing_runs=2)
+    assert summary.retired == 1
+    assert sn.updates == [("cmdb_ci_ot_plc", sn.cis["sensor_a:4"]["sys_id"],
+                           {"install_status": "7", "operational_status": "6"})]
+    assert run(defender, sn, store, retire_after_missing_runs=2).retired == 0   # only once
+    defender.devices = devices                                      # it comes back: revived
+    back = run(defender, sn, store, retire_after_missing_runs=2)
+    assert back.updated == 1 and sn.cis["sensor_a:4"]["install_status"] == "1"
+
+
+def test_console_deleted_devices_are_retired():
+    devices = [device(i, source="sensor_a") for i in range(1, 5)]
+    defender, sn, store = FakeDefender(devices, appliance="management_console"), FakeServiceNow(), MemoryStateStore()
+    run(defender, sn, store)
+    defender.devices, defender.deleted = devices[:3], [4, 77]
+    summary = run(defender, sn, store)
+    assert summary.retired == 1 and sn.cis["sensor_a:4"]["install_status"] == "7"
+
+
+def test_dry_run_writes_nothing():
+    defender, sn, store = FakeDefender([device(i) for i in range(1, 5)]), FakeServiceNow(), MemoryStateStore()
+    summary = run(defender, sn, store, dry_run=True)
+    assert summary.dry_run and summary.would_send == 4 and summary.inserted == 4
+    assert sn.cis == {} and sn.companies == {} and store.writes == 0
+    assert "dry run" in summary.line()
+
+
+# --------------------------------------------------------------------------- against the simulators
+
+
+def sim_engine(source, store, **kw):
+    from defender_servicenow.hooks.defender import DefenderIoTHook
+    from defender_servicenow.hooks.servicenow import ServiceNowHook
+
+    servicenow = kw.pop("servicenow", None) or ServiceNowHook("servicenow_default", max_retry_time=2)
+    options = dict(source=source, defender=DefenderIoTHook(source), servicenow=servicenow, state_store=store,
+                   mapping=MAPPING, source_name="MicrosoftDefenderIoT", data_source="Other Automated",
+                   batch_size=10, parallel=3)
+    return DeviceSync(**{**options, **kw})
+
+
+def cis(sn_sim, source=None) -> dict[str, dict]:
+    """native key -> CI record, for the CIs this integration wrote (through sys_object_source)."""
+    out = {}
+    for row in sn_sim.table("sys_object_source"):
+        if row["name"] == "MicrosoftDefenderIoT" and (source is None or row["id"].startswith(source + ":")):
+            out[row["id"]] = sn_sim.get(row["target_sys_id"])
+    return out
+
+
+def ire_requests(sn_sim) -> int:
+    return sum(n for route, n in sn_sim.counters().get("by_route", {}).items() if "identifyreconcile" in route)
+
+
+def test_sensor_sync_creates_updates_and_retires(defender_sim_factory, servicenow_conn):
+    sensor = defender_sim_factory(mode="sensor", devices=60, conn_id="defender_sensor_1")
+    sn = servicenow_conn.sim
+    store = MemoryStateStore()
+    first = sim_engine("defender_sensor_1", store, retire_after_missing_runs=2).run()
+    assert first.seen == 60 and first.inserted == first.seen - first.skipped and first.inserted > 50
+    written = cis(sn, "defender_sensor_1")
+    assert len(written) == first.inserted and first.failed == 0
+    names = {r["id"]: r for r in sn.table("sys_object_source")}
+    assert len(names) == first.inserted
+    for key, ci in written.items():
+        device = sensor.sim.device(int(key.split(":")[1]))
+        assert ci["name"].startswith((device["name"] or "")[:20].strip()) or not device["name"]
+        if ci.get("manufacturer"):
+            assert sn.get(ci["manufacturer"])["name"]                 # a core_company sys_id
+    # no change: no IRE call at all
+    before = ire_requests(sn)
+    again = sim_engine("defender_sensor_1", store, retire_after_missing_runs=2).run()
+    assert again.unchanged == first.inserted and (again.inserted, again.updated) == (0, 0)
+    assert ire_requests(sn) == before
+    # a changed device is updated in place
+    key = next(iter(written))
+    device_id = int(key.split(":")[1])
+    sensor.sim.update_device(device_id, vendor="Rockwell Automation")
+    changed = sim_engine("defender_sensor_1", store, retire_after_missing_runs=2).run()
+    assert (changed.updated, changed.inserted) == (1, 0)
+    assert sn.get(cis(sn)[key]["manufacturer"])["name"] == "Rockwell Automation"
+    # a deleted device is retired after 2 runs without it, once, and never deleted
+    sensor.sim.delete_device(device_id)
+    assert sim_engine("defender_sensor_1", store, retire_after_missing_runs=2).run().retired == 0
+    assert sim_engine("defender_sensor_1", store, retire_after_missing_runs=2).run().retired == 1
+    ci = cis(sn)[key]
+    assert (ci["install_status"], ci["operational_status"]) == ("7", "6")
+    assert len(cis(sn)) == len(written)
+
+
+def test_same_name_on_two_sensors_gives_two_cis(defender_sim_factory, servicenow_conn):
+    s1 = defender_sim_factory(mode="sensor", devices=5, seed=1, conn_id="defender_sensor_1")
+    s2 = defender_sim_factory(mode="sensor", devices=5, seed=2, conn_id="defender_sensor_2")
+    s1.sim.add_device(name="10.0.0.5", macAddresses=["00:1d:9c:00:00:01"], ipAddresses=["10.0.0.5"])
+    s2.sim.add_device(name="10.0.0.5", macAddresses=["00:1d:9c:00:00:02"], ipAddresses=["10.0.0.5"])
+    store = MemoryStateStore()
+    for source in ("defender_sensor_1", "defender_sensor_2"):
+        assert sim_engine(source, store).run().failed == 0
+    shared = [ci for ci in cis(servicenow_conn.sim).values() if ci["name"] == "10.0.0.5"]
+    assert len({ci["sys_id"] for ci in shared}) == 2                 # not merged by name
+
+
+def test_outage_part_way_then_rerun_duplicates_nothing(defender_sim_factory, servicenow_conn):
+    from defender_servicenow.hooks.servicenow import ServiceNowHook
+
+    defender_sim_factory(mode="sensor", devices=60, conn_id="defender_sensor_1")
+    sn = servicenow_conn.sim
+    hook = ServiceNowHook("servicenow_default", max_retry_time=1)
+    real, calls = hook.identify_reconcile, []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) == 4:   # ServiceNow starts answering 503 part way through
+            sn.set_faults(fail_next={"count": 1000, "status": 503, "path_prefix": "/api/now/identifyreconcile"})
+        return real(*args, **kw)
+
+    hook.identify_reconcile = flaky
+    store = MemoryStateStore()
+    with pytest.raises(ServiceNowUnavailableError):
+        sim_engine("defender_sensor_1", store, servicenow=hook, parallel=1).run()
+    partial = len(cis(sn))
+    assert 0 < partial < 50 and len(SourceState(store, "defender_sensor_1")) == partial
+    sn.faults.fail_next.clear()                                     # ServiceNow is back
+    rerun = sim_engine("defender_sensor_1", store).run()
+    assert rerun.failed == 0
+    written = cis(sn)
+    assert len(written) == rerun.seen - rerun.skipped
+    assert len({ci["sys_id"] for ci in written.values()}) == len(written)       # one CI per device
+    hardware = sn.select("cmdb_ci_hardware")
+    assert len(hardware) == len(written)                                        # no stray duplicates
+
+
+def test_management_console_sync_retires_deleted_devices(defender_sim_factory, servicenow_conn):
+    cm = defender_sim_factory(mode="management_console", devices=40, sensors=2, conn_id="defender_cm")
+    sn, store = servicenow_conn.sim, MemoryStateStore()
+    first = sim_engine("defender_cm", store).run()
+    assert first.inserted > 30 and first.failed == 0
+    written = cis(sn, "defender_cm")
+    key = sorted(written)[0]
+    cm.sim.delete_device(int(key.split(":")[1]))
+    second = sim_engine("defender_cm", store).run()
+    assert second.retired == 1 and second.inserted == 0
+    assert cis(sn)[key]["install_status"] == "7"
+
+
+def test_dry_run_previews_with_the_ire_query_and_writes_nothing(defender_sim_factory, servicenow_conn):
+    defender_sim_factory(mode="sensor", devices=20, conn_id="defender_sensor_1")
+    store = MemoryStateStore()
+    summary = sim_engine("defender_sensor_1", store, dry_run=True).run()
+    assert summary.would_send == summary.seen - summary.skipped and summary.inserted == summary.would_send
+    assert cis(servicenow_conn.sim) == {} and store.writes == 0
+    assert not [c for c in servicenow_conn.sim.table("core_company") if c.get("sys_created_by") == "admin"]
