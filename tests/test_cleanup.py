@@ -196,7 +196,8 @@ def _device(source_name: str, key: str, name: str, mac: str, ip: str, cls: str =
         "values": {"name": name, "model_number": "M-1"},
         "lookup": [{"className": "cmdb_ci_network_adapter", "values": {"name": mac, "mac_address": mac}},
                    {"className": "cmdb_ci_ip_address", "values": {"ip_address": ip, "mac_address": mac}}],
-        "related": [{"className": "cmdb_ci_ip_address", "values": {"name": ip, "ip_address": ip, "ip_version": "4"}}],
+        "related": [{"className": "cmdb_ot_entity", "values": {"ot_asset_type": "PLC", "ot_correlation_id": key}},
+                    {"className": "cmdb_key_value", "values": {"key": "defender.protocols", "value": "MODBUS"}}],
         "sys_object_source_info": {"source_name": source_name, "source_native_key": key},
     }
 
@@ -233,7 +234,7 @@ def world(servicenow_conn):
 
 def _snapshot(sim) -> dict:
     tables = ("cmdb_ci", "sys_object_source", "cmdb_ci_network_adapter", "cmdb_ci_ip_address", "incident",
-              "sn_si_incident", "u_defender_iot_alert")
+              "sn_si_incident", "u_defender_iot_alert", "cmdb_key_value", "cmdb_ot_entity")
     return {t: sorted((dict(r) for r in sim.table(t)), key=lambda r: r["sys_id"]) for t in tables}
 
 
@@ -263,7 +264,8 @@ def test_dry_run_changes_nothing_and_lists_exactly_ours(world, caplog):
     rows = _rows(result)
     assert {t: r["planned"] for t, r in rows.items() if r["planned"]} == {
         "incident": 3, "sn_si_incident": 1, "u_defender_iot_alert": 2, "cmdb_ci_ip_address": 3,
-        "cmdb_ci_network_adapter": 3, "cmdb_ci": 3, "sys_object_source": 3}
+        "cmdb_ci_network_adapter": 3, "cmdb_ci": 3, "sys_object_source": 3, "cmdb_key_value": 3,
+        "cmdb_ot_entity": 3}
     assert result["summary"].startswith("Clean-up DRY RUN mode=delete") and "would delete 3 cmdb_ci" in result["summary"]
     assert "cmdb_ci: delete 3: " in caplog.text and "plc-1" in caplog.text and "laptop-77" not in caplog.text
     assert "INC" in caplog.text and "Per table:" in caplog.text

@@ -547,3 +547,44 @@ def test_standard_choices_and_cli():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_ire_related_entries_are_stored_and_compared(servicenow_sim):
+    """Related entries of the OT rule (cmdb_key_value, cmdb_ot_entity) land linked to the CI; an unknown
+    related class is refused, and a changed related value makes an UPDATE, not a NO_CHANGE."""
+    import requests
+
+    from include.simulators.servicenow_sim import SIM_PASSWORD, SIM_USER
+
+    def ire(related):
+        item = {"className": "cmdb_ci_ot_plc", "values": {"name": "PLC-9"},
+                "lookup": [{"className": "cmdb_ci_network_adapter",
+                            "values": {"name": "00:11:22:33:44:55", "mac_address": "00:11:22:33:44:55"}}],
+                "related": related,
+                "sys_object_source_info": {"source_name": "MicrosoftDefenderIoT", "source_native_key": "s:9"}}
+        r = requests.post(f"{servicenow_sim.url}/api/now/identifyreconcile",
+                          params={"sysparm_data_source": "Other Automated"}, json={"items": [item]},
+                          auth=(SIM_USER, SIM_PASSWORD), timeout=10)
+        assert r.status_code == 200
+        return r.json()["result"]["items"][0]
+
+    related = [{"className": "cmdb_ot_entity", "values": {"ot_asset_type": "PLC", "purdue_level": "1"}},
+               {"className": "cmdb_key_value", "values": {"key": "defender.protocols", "value": "MODBUS"}}]
+    first = ire(related)
+    assert first["operation"] == "INSERT"
+    sim = servicenow_sim.sim
+    (entity,) = sim.table("cmdb_ot_entity")
+    assert entity["ot_device"] == first["sysId"] and entity["purdue_level"] == "1"
+    (kv,) = sim.table("cmdb_key_value")
+    assert (kv["configuration_item"], kv["key"], kv["value"]) == (first["sysId"], "defender.protocols", "MODBUS")
+
+    assert ire(related)["operation"] == "NO_CHANGE"
+    related[1]["values"]["value"] = "MODBUS, DNP3"
+    assert ire(related)["operation"] == "UPDATE"
+    assert [r["value"] for r in sim.table("cmdb_key_value")] == ["MODBUS, DNP3"]
+
+    bad = ire([{"className": "cmdb_not_a_related_table", "values": {"x": "1"}}])
+    assert bad["errors"][0]["error"] == "IDENTIFICATION_RULE_FOR_RELATED_ITEM_MISSING"
+    dup = ire([{"className": "cmdb_key_value", "values": {"key": "k", "value": "1"}},
+               {"className": "cmdb_key_value", "values": {"key": "k", "value": "2"}}])
+    assert dup["errors"][0]["error"] == "DUPLICATE_RELATED_PAYLOAD"

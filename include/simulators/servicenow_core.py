@@ -49,7 +49,7 @@ JSON_TYPE = "application/json;charset=UTF-8"
 SYS_ID = re.compile(r"^[0-9a-f]{32}$")
 INDEXED = frozenset({"name", "serial_number", "mac_address", "correlation_id", "u_alert_key", "number", "cmdb_ci",
                      "id", "ip_address", "target_sys_id", "element_id", "task", "ci_item", "parent", "child",
-                     "user_name"})
+                     "user_name", "configuration_item", "ot_device"})
 _DEFAULT_IMPORT_SETS = {
     "u_defender_iot_alert_import": {"target": "u_defender_iot_alert", "coalesce": "u_alert_key"},
     "sn_si_incident_import": {"target": "sn_si_incident", "coalesce": "correlation_id"},

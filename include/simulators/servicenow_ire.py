@@ -22,6 +22,9 @@ from include.simulators.servicenow_core import (
 )
 from include.simulators.servicenow_schema import CI_REFERENCE_FIELDS, HARDWARE_RULE_ID
 
+# Related entries (not used for identification): table -> (reference to the CI, field that keys a row per CI;
+# None = one row per CI).
+RELATED_KEYS = {"cmdb_key_value": ("configuration_item", "key"), "cmdb_ot_entity": ("ot_device", None)}
 LOOKUP_KEYS = {"cmdb_serial_number": "serial_number", "cmdb_ci_network_adapter": "mac_address",
                "cmdb_ci_ip_address": "ip_address"}
 OPTION_NAMES = ("partial_payloads", "partial_commits", "deduplicate_payloads", "generate_summary")
@@ -191,6 +194,51 @@ class _Run:
         return out
 
     # ---------------------------------------------------------- validation
+    def _validate_related(self, index: int, item: dict) -> list:
+        raw = item.get("related") or []
+        if not isinstance(raw, list):
+            raise ItemError("INVALID_INPUT_DATA", f"In payload item [{index}] 'related' must be an array")
+        related, seen = [], set()
+        for rel in raw:
+            rcls = rel.get("className") if isinstance(rel, dict) else None
+            if rcls not in RELATED_KEYS:
+                raise ItemError("IDENTIFICATION_RULE_FOR_RELATED_ITEM_MISSING",
+                                f"Identification rule for related table [{rcls}] is missing for item [{index}]")
+            rvalues = rel.get("values")
+            rvalues = {k: to_str(v) for k, v in rvalues.items()} if isinstance(rvalues, dict) else {}
+            key_field = RELATED_KEYS[rcls][1]
+            if key_field and not rvalues.get(key_field):
+                raise ItemError("MISSING_MATCHING_ATTRIBUTES",
+                                f"In payload missing minimum set of input values for criterion (matching) attributes "
+                                f"from identify rule for table [{rcls}]. Add these input values in payload item "
+                                f"'{json.dumps(rvalues)}' ({key_field})")
+            ident = (rcls, rvalues.get(key_field) if key_field else None)
+            if ident in seen:
+                raise ItemError("DUPLICATE_RELATED_PAYLOAD",
+                                f"Found duplicate related items for [{rcls}] in item [{index}]")
+            seen.add(ident)
+            related.append((rcls, rvalues))
+        return related
+
+    def _related(self, ci: str, related: list, dry: bool) -> bool:
+        """Insert or update the related entries of ``ci``; True when anything differs."""
+        sim, changed = self.sim, False
+        for table, values in related:
+            ref, key_field = RELATED_KEYS[table]
+            rows = sim.lookup(table, ref, ci)
+            row = next((r for r in rows if not key_field or r.get(key_field) == values[key_field]), None)
+            if row is None:
+                changed = True
+                if not dry:
+                    sim.insert(table, {ref: ci, **values}, user=self.user)
+                continue
+            diff = {k: v for k, v in values.items() if row.get(k, "") != v}
+            if diff:
+                changed = True
+                if not dry:
+                    sim.update(row["sys_id"], diff, user=self.user)
+        return changed
+
     def _validate(self, index: int, item) -> tuple[str, dict, list, dict | None]:
         sim = self.sim
         if not isinstance(item, dict):
@@ -305,6 +353,7 @@ class _Run:
         sim, now, ds = self.sim, now_str(), self.source
         item = self.raw[index]
         cls, values, lookups, src = self._validate(index, item)
+        related = self._validate_related(index, item)
         out["identifierEntrySysId"] = HARDWARE_RULE_ID
         match = self._identify(values, lookups, src, out["identificationAttempts"])
         out["relatedItems"] = [{"markers": [], "inputIndices": [{"mainIndex": index, "subIndex": sub}],
@@ -338,7 +387,8 @@ class _Run:
                     op = "UPDATE" if settings.get("updateWithoutSwitch") else "UPDATE_WITH_SWITCH"
             diff = {k: v for k, v in values.items() if rec.get(k, "") != v}
             lookup_changes = self._lookups(sys_id, lookups, dry=True, now=now)
-            changed = bool(diff or lookup_changes[1] or op != "UPDATE")
+            related_changed = self._related(sys_id, related, dry=True)
+            changed = bool(diff or lookup_changes[1] or related_changed or op != "UPDATE")
             out["operation"] = op if changed else "NO_CHANGE"
             out["sysId"] = sys_id
             if dry:
@@ -350,6 +400,7 @@ class _Run:
             sim.update(sys_id, {**diff, "last_discovered": ld, "discovery_source": ds}, user=self.user)
         out["sysId"] = sys_id
         out["relatedSysIds"] = self._lookups(sys_id, lookups, dry=False, now=now)[0]
+        self._related(sys_id, related, dry=False)
         if src:
             self._source_row(src, sys_id, sim.where[sys_id], now)
 

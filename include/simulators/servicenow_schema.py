@@ -29,7 +29,7 @@ PARENTS: dict[str, str] = {
 STANDARD_TABLES = sorted({*PARENTS, *PARENTS.values(), "cmdb_serial_number", "sys_object_source", "sys_choice",
                           "u_defender_iot_alert", "task_ci", "sys_user", "sys_user_group", "cmdb_rel_ci",
                           "cmdb_rel_type", "sys_journal_field", "core_company", "cmn_location",
-                          "sys_import_set_row"})
+                          "sys_import_set_row", "cmdb_key_value", "cmdb_ot_entity"})
 
 _SYS = ("sys_id", "sys_created_on", "sys_created_by", "sys_updated_on", "sys_updated_by", "sys_mod_count",
         "sys_tags")
@@ -63,6 +63,10 @@ OWN_COLUMNS: dict[str, tuple[str, ...]] = {
                                  "source_recency_timestamp"),
     "sys_choice": _SYS + ("name", "element", "value", "label", "inactive", "language", "sequence"),
     "u_defender_iot_alert": _SYS + ("u_alert_key",),
+    # IRE related entries of the OT identification rule (defender-api.md §8.3)
+    "cmdb_key_value": _SYS + ("configuration_item", "key", "value"),
+    "cmdb_ot_entity": _SYS + ("ot_device", "ot_asset_type", "purdue_level", "zone", "business_criticality",
+                              "ot_correlation_id", "ire_criterion"),
     "task_ci": _SYS + ("task", "ci_item"),
     "sys_user": _SYS + ("user_name", "name", "first_name", "last_name", "email", "active", "locked_out"),
     "sys_user_group": _SYS + ("name", "description", "active"),
@@ -86,6 +90,7 @@ REFERENCES = {
     "parent_incident": "incident", "problem_id": "problem", "incident": "incident",
     "sys_domain": "sys_user_group", "business_service": "cmdb_ci_service", "child": "cmdb_ci",
     "type": "cmdb_rel_type", "parent_security_incident": "sn_si_incident", "change_request": "change_request",
+    "configuration_item": "cmdb_ci", "ot_device": "cmdb_ci",
 }
 # Reference fields that the IRE insists hold sys_ids (CI attributes).
 CI_REFERENCE_FIELDS = frozenset({"manufacturer", "company", "location", "model_id", "support_group", "owned_by",
