@@ -19,7 +19,6 @@ from defender_servicenow.exceptions import (
     IntegrationError,
     ServiceNowAuthError,
     ServiceNowForbiddenError,
-    ServiceNowHibernatingError,
     ServiceNowInvalidTableError,
 )
 
@@ -37,8 +36,10 @@ IRE_PARALLEL = 4          # IRE requests in flight per source
 SYNC_STATE = Asset(name="defender_device_sync_state")
 # One asset per source, "defender_device_sync/<source>", whose events carry the Last Sync counts.
 LAST_SYNC = AssetAlias(name="defender_device_sync_last_sync")
-# Failures that a retry cannot fix: fail at once with the plain reason.
-NOT_RETRYABLE = (ServiceNowAuthError, ServiceNowHibernatingError, ServiceNowForbiddenError,
+# Failures that a retry cannot fix: fail at once with the plain reason. (Rejected credentials are not
+# retried: repeated failed logins can lock the integration user out. A hibernating instance is retried
+# with back-off, like an outage: it comes back once someone wakes it.)
+NOT_RETRYABLE = (ServiceNowAuthError, ServiceNowForbiddenError,
                  ServiceNowInvalidTableError, DefenderAuthError, DefenderWrongApplianceError,
                  DefenderCertificateError, ConfigError)
 
