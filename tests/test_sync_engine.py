@@ -357,3 +357,20 @@ def test_dry_run_previews_with_the_ire_query_and_writes_nothing(defender_sim_fac
     assert summary.would_send == summary.seen - summary.skipped and summary.inserted == summary.would_send
     assert cis(servicenow_conn.sim) == {} and store.writes == 0
     assert not [c for c in servicenow_conn.sim.table("core_company") if c.get("sys_created_by") == "admin"]
+
+
+def test_hibernating_instance_fails_plainly_and_records_nothing(defender_sim_factory, servicenow_conn):
+    from defender_servicenow.exceptions import ServiceNowHibernatingError
+
+    defender_sim_factory(mode="sensor", devices=20, conn_id="defender_sensor_1")
+    sn = servicenow_conn.sim
+    sn.set_faults(hibernate=True)
+    store = MemoryStateStore()
+    with pytest.raises(ServiceNowHibernatingError) as err:
+        sim_engine("defender_sensor_1", store).run()
+    message = str(err.value)
+    assert "hibernat" in message.lower() and "<html" not in message.lower()
+    assert len(SourceState(store, "defender_sensor_1")) == 0 and cis(sn) == {}   # nothing recorded as synced
+    sn.set_faults(hibernate=False)                                              # someone woke the instance
+    summary = sim_engine("defender_sensor_1", store).run()
+    assert summary.failed == 0 and len(cis(sn)) == summary.seen - summary.skipped
