@@ -22,6 +22,10 @@ DEFAULT_RULES_FILE = "include/config/forwarding_rules.yaml"
 # What identifies this integration's writes in ServiceNow (cleanup relies on these).
 DEFAULT_SOURCE_NAME = "MicrosoftDefenderIoT"
 DEFAULT_DATA_SOURCE = "Other Automated"
+DEFAULT_RETIRE_AFTER_MISSING_RUNS = 3
+DEFAULT_ALERT_POLL_SECONDS = 15.0
+MIN_ALERT_POLL_SECONDS = 1.0
+DEFAULT_ALERT_LOOKBACK_MINUTES = 10.0
 
 _CONN_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -53,24 +57,49 @@ def defender_sources(environ: dict | None = None) -> list[str]:
     return parse_conn_ids(_env("DEFENDER_SOURCES", environ) or DEFAULT_SOURCES, "DEFENDER_SOURCES")
 
 
+def _number(name: str, environ: dict | None, *, default, minimum, maximum=None, integer: bool, unit: str):
+    """A numeric setting: ``default`` when unset; otherwise a whole number (``integer``) or a finite number
+    within ``minimum``..``maximum``, else a ConfigError naming the variable and the rule."""
+    raw = _env(name, environ)
+    if raw is None:
+        return default
+    kind = "a whole number" if integer else "a number"
+    rule = (f"{kind} of {unit} from {minimum:g} to {maximum:g}" if maximum is not None
+            else f"{kind} of {unit}, at least {minimum:g}")
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not {kind}; it must be {rule} (default {default:g})") from None
+    if not (value >= minimum and (value <= maximum if maximum is not None else value != float("inf"))):
+        raise ConfigError(f"{name}={raw!r} is out of range; it must be {rule} (default {default:g})")
+    return value
+
+
 def sync_frequency_minutes(environ: dict | None = None) -> int:
     """``DEFENDER_SYNC_FREQUENCY_MINUTES``: integer, minimum 5, default 60."""
-    raw = _env("DEFENDER_SYNC_FREQUENCY_MINUTES", environ)
-    if raw is None:
-        return DEFAULT_SYNC_FREQUENCY_MINUTES
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(
-            f"DEFENDER_SYNC_FREQUENCY_MINUTES={raw!r} is not a whole number of minutes; "
-            f"it must be an integer of at least {MIN_SYNC_FREQUENCY_MINUTES} (default {DEFAULT_SYNC_FREQUENCY_MINUTES})"
-        ) from None
-    if value < MIN_SYNC_FREQUENCY_MINUTES:
-        raise ConfigError(
-            f"DEFENDER_SYNC_FREQUENCY_MINUTES={value} is too small; it must be an integer of at least "
-            f"{MIN_SYNC_FREQUENCY_MINUTES} (default {DEFAULT_SYNC_FREQUENCY_MINUTES})"
-        )
-    return value
+    return _number("DEFENDER_SYNC_FREQUENCY_MINUTES", environ, default=DEFAULT_SYNC_FREQUENCY_MINUTES,
+                   minimum=MIN_SYNC_FREQUENCY_MINUTES, integer=True, unit="minutes")
+
+
+def retire_after_missing_runs(environ: dict | None = None) -> int:
+    """``DEFENDER_RETIRE_AFTER_MISSING_RUNS``: consecutive successful syncs a device must be missing from a
+    sensor's inventory before its CI is retired; integer, minimum 1, default 3."""
+    return _number("DEFENDER_RETIRE_AFTER_MISSING_RUNS", environ, default=DEFAULT_RETIRE_AFTER_MISSING_RUNS,
+                   minimum=1, integer=True, unit="runs")
+
+
+def alert_poll_seconds(environ: dict | None = None) -> float:
+    """``DEFENDER_ALERT_POLL_SECONDS``: how often the alert trigger polls each source (default 15, minimum 1)."""
+    return _number("DEFENDER_ALERT_POLL_SECONDS", environ, default=DEFAULT_ALERT_POLL_SECONDS,
+                   minimum=MIN_ALERT_POLL_SECONDS, integer=False, unit="seconds")
+
+
+def alert_lookback_minutes(environ: dict | None = None) -> float:
+    """``DEFENDER_ALERT_LOOKBACK_MINUTES``: how far behind its watermark the forwarding task looks for alerts
+    that arrived late (a sensor reconnecting to its management console delivers older alerts); 0 turns it
+    off. Default 10."""
+    return _number("DEFENDER_ALERT_LOOKBACK_MINUTES", environ, default=DEFAULT_ALERT_LOOKBACK_MINUTES,
+                   minimum=0, maximum=7 * 24 * 60, integer=False, unit="minutes")
 
 
 def servicenow_conn_id(environ: dict | None = None) -> str:
@@ -97,61 +126,3 @@ def source_name(environ: dict | None = None) -> str:
 def data_source(environ: dict | None = None) -> str:
     """``SERVICENOW_DATA_SOURCE``: IRE ``sysparm_data_source`` (a ``cmdb_ci.discovery_source`` choice)."""
     return _env("SERVICENOW_DATA_SOURCE", environ) or DEFAULT_DATA_SOURCE
-
-
-DEFAULT_RETIRE_AFTER_MISSING_RUNS = 3
-
-
-def retire_after_missing_runs(environ: dict | None = None) -> int:
-    """``DEFENDER_RETIRE_AFTER_MISSING_RUNS``: consecutive successful syncs a device must be missing from a
-    sensor's inventory before its CI is retired; integer, minimum 1, default 3."""
-    raw = _env("DEFENDER_RETIRE_AFTER_MISSING_RUNS", environ)
-    if raw is None:
-        return DEFAULT_RETIRE_AFTER_MISSING_RUNS
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ConfigError(f"DEFENDER_RETIRE_AFTER_MISSING_RUNS={raw!r}: give a whole number of runs, at least 1 "
-                          f"(default {DEFAULT_RETIRE_AFTER_MISSING_RUNS})")
-    return value
-
-
-DEFAULT_ALERT_POLL_SECONDS = 15.0
-MIN_ALERT_POLL_SECONDS = 1.0
-
-
-def alert_poll_seconds(environ: dict | None = None) -> float:
-    """``DEFENDER_ALERT_POLL_SECONDS``: how often the alert trigger polls each source (default 15, minimum 1)."""
-    raw = _env("DEFENDER_ALERT_POLL_SECONDS", environ)
-    if raw is None:
-        return DEFAULT_ALERT_POLL_SECONDS
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not value >= MIN_ALERT_POLL_SECONDS or value == float("inf"):
-        raise ConfigError(f"DEFENDER_ALERT_POLL_SECONDS={raw!r}: give a number of seconds of at least "
-                          f"{MIN_ALERT_POLL_SECONDS:g} (default {DEFAULT_ALERT_POLL_SECONDS:g})")
-    return value
-
-
-DEFAULT_ALERT_LOOKBACK_MINUTES = 10.0
-
-
-def alert_lookback_minutes(environ: dict | None = None) -> float:
-    """``DEFENDER_ALERT_LOOKBACK_MINUTES``: how far behind its watermark the forwarding task looks for alerts
-    that arrived late (a sensor reconnecting to its management console delivers older alerts); 0 turns it
-    off. Default 10."""
-    raw = _env("DEFENDER_ALERT_LOOKBACK_MINUTES", environ)
-    if raw is None:
-        return DEFAULT_ALERT_LOOKBACK_MINUTES
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value <= 7 * 24 * 60:
-        raise ConfigError(f"DEFENDER_ALERT_LOOKBACK_MINUTES={raw!r}: give a number of minutes from 0 to 10080 "
-                          f"(default {DEFAULT_ALERT_LOOKBACK_MINUTES:g})")
-    return value
