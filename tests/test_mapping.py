@@ -202,3 +202,25 @@ def test_bad_mapping_file_is_a_plain_config_error(tmp_path):
     path.write_text("types: [1, 2]\n")
     with pytest.raises(ConfigError, match="types"):
         load_class_mapping(path)
+
+
+def test_without_identifiers_moves_shared_serial_and_macs_to_key_values():
+    from defender_servicenow.mapping import identifiers, without_identifiers
+
+    item = {"className": "cmdb_ci_ot_plc", "values": {"name": "PLC", "serial_number": "SN-1"},
+            "lookup": [{"className": "cmdb_serial_number", "values": {"serial_number": "SN-1"}},
+                       {"className": "cmdb_ci_network_adapter", "values": {"name": "aa:bb:cc:00:00:01",
+                                                                          "mac_address": "aa:bb:cc:00:00:01"}},
+                       {"className": "cmdb_ci_network_adapter", "values": {"name": "aa:bb:cc:00:00:02",
+                                                                          "mac_address": "aa:bb:cc:00:00:02"}},
+                       {"className": "cmdb_ci_ip_address", "values": {"ip_address": "10.0.0.1"}}],
+            "related": []}
+    assert identifiers(item) == ["serial:sn-1", "mac:aa:bb:cc:00:00:01", "mac:aa:bb:cc:00:00:02"]
+    out = without_identifiers(item, {"serial:sn-1", "mac:aa:bb:cc:00:00:01"})
+    assert "serial_number" not in out["values"]
+    assert [x["className"] for x in out["lookup"]] == ["cmdb_ci_network_adapter", "cmdb_ci_ip_address"]
+    assert identifiers(out) == ["mac:aa:bb:cc:00:00:02"]
+    assert {r["values"]["key"]: r["values"]["value"] for r in out["related"]} == {
+        "defender.shared_serial": "SN-1", "defender.shared_mac_addresses": "aa:bb:cc:00:00:01"}
+    assert item["values"]["serial_number"] == "SN-1"   # the input is not changed
+    assert without_identifiers(item, set())["lookup"] == item["lookup"]

@@ -374,3 +374,29 @@ def test_hibernating_instance_fails_plainly_and_records_nothing(defender_sim_fac
     sn.set_faults(hibernate=False)                                              # someone woke the instance
     summary = sim_engine("defender_sensor_1", store).run()
     assert summary.failed == 0 and len(cis(sn)) == summary.seen - summary.skipped
+
+
+def test_devices_reporting_the_same_serial_or_mac_stay_separate_cis(defender_sim_factory, servicenow_conn):
+    """A router's MAC reported for the devices behind it, or one serial on two modules: without a guard the
+    IRE merges the devices into one CI (or answers MULTI_MATCH)."""
+    d = defender_sim_factory(mode="sensor", devices=12, conn_id="defender_sensor_1")
+    a, b, c = d.sim.device_ids()[:3]
+    firmware = [{"slot": "N/A", "additionalData": "N/A", "moduleAddress": "N/A", "rack": "N/A",
+                 "address": "10.9.0.1", "model": "S7-1500", "serial": "SN-4711", "firmwareVersion": "2.9"}]
+    for device_id, name in ((a, "PLC north"), (b, "PLC south"), (c, "PLC east")):
+        d.sim.update_device(device_id, name=name, macAddresses=["00:1b:1b:00:00:01"], firmware=firmware)
+    sn = servicenow_conn.sim
+    store = MemoryStateStore()
+    summary = sim_engine("defender_sensor_1", store).run()
+    assert summary.failed == 0 and summary.shared_identifiers == 2
+    written = cis(sn)
+    shared = [written[f"defender_sensor_1:{i}"] for i in (a, b, c)]
+    assert len({ci["sys_id"] for ci in shared}) == 3                      # three CIs, not one
+    assert [ci["name"] for ci in shared] == ["PLC north", "PLC south", "PLC east"]
+    assert len(sn.select("cmdb_ci_hardware")) == len(written)
+    notes = {(r["configuration_item"], r["key"]): r["value"] for r in sn.table("cmdb_key_value")}
+    assert notes[(shared[1]["sys_id"], "defender.shared_serial")] == "SN-4711"
+    assert notes[(shared[2]["sys_id"], "defender.shared_mac_addresses")] == "00:1b:1b:00:00:01"
+    assert (shared[0]["sys_id"], "defender.shared_serial") not in notes   # the first keeps its identifiers
+    again = sim_engine("defender_sensor_1", store).run()
+    assert (again.failed, again.inserted, again.updated) == (0, 0, 0)   # stable: nothing resent

@@ -283,3 +283,43 @@ def payload_digest(item: dict, *, last_seen_resolution_hours: int = 24) -> str:
         item = {**item, "values": {**values, "last_discovered": bucket}}
     text = json.dumps(item, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def identifiers(item: dict) -> list[str]:
+    """The identifying values of a mapped item: its serial (``serial:<value>``) and MACs (``mac:<value>``)."""
+    out = []
+    serial = item["values"].get("serial_number")
+    if serial:
+        out.append(f"serial:{serial.lower()}")
+    out.extend(f"mac:{x['values']['mac_address']}" for x in item.get("lookup") or []
+               if x["className"] == "cmdb_ci_network_adapter")
+    return out
+
+
+def without_identifiers(item: dict, shared: set[str]) -> dict:
+    """``item`` without the ``shared`` identifiers (see :func:`identifiers`) in its identifying fields.
+
+    When two devices of one inventory report the same serial or MAC (a placeholder serial, a router's MAC
+    seen for the devices behind it), the IRE would merge them into one CI or answer MULTI_MATCH. The later
+    device keeps those values as ``defender.shared_*`` key/value rows instead, and is identified by its
+    ``sys_object_source`` key and its own identifiers.
+    """
+    values = dict(item["values"])
+    lookup, related = [], list(item.get("related") or [])
+    serial = values.get("serial_number")
+    if serial and f"serial:{serial.lower()}" in shared:
+        del values["serial_number"]
+        related.append({"className": "cmdb_key_value", "values": {"key": KEY_PREFIX + "shared_serial",
+                                                                  "value": serial}})
+    shared_macs = []
+    for entry in item.get("lookup") or []:
+        if entry["className"] == "cmdb_serial_number" and serial and "serial_number" not in values:
+            continue
+        if entry["className"] == "cmdb_ci_network_adapter" and f"mac:{entry['values']['mac_address']}" in shared:
+            shared_macs.append(entry["values"]["mac_address"])
+            continue
+        lookup.append(entry)
+    if shared_macs:
+        related.append({"className": "cmdb_key_value", "values": {"key": KEY_PREFIX + "shared_mac_addresses",
+                                                                  "value": ", ".join(shared_macs)}})
+    return {**item, "values": values, "lookup": lookup, "related": related}

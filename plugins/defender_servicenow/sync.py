@@ -37,7 +37,14 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 from defender_servicenow.exceptions import ConfigError, ServiceNowError
-from defender_servicenow.mapping import ClassMapping, MappingError, map_device, payload_digest
+from defender_servicenow.mapping import (
+    ClassMapping,
+    MappingError,
+    identifiers,
+    map_device,
+    payload_digest,
+    without_identifiers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +206,7 @@ class SyncSummary:
     would_send: int = 0
     would_retire: int = 0
     ire_requests: int = 0
+    shared_identifiers: int = 0                                   # devices whose serial/MAC another reported
     errors: dict[str, int] = field(default_factory=dict)          # IRE error code -> devices
     skip_reasons: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)  # code -> first device ids
@@ -277,12 +285,14 @@ class DeviceSync:
         self.shards, self.resolution = shards, last_seen_resolution_hours
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self._detail: Counter = Counter()
+        self._claimed: dict[str, str] = {}   # serial/MAC -> the first device of this run that reported it
 
     # ------------------------------------------------------------------ run
 
     def run(self) -> SyncSummary:
         started, t0 = self.clock(), time.monotonic()
         summary = SyncSummary(source=self.source, dry_run=self.dry_run, full_resync=self.full_resync)
+        self._claimed = {}
         state = SourceState(self.store, self.source, self.shards)
         mode = "dry run" if self.dry_run else ("full resync" if self.full_resync else "changes only")
         log.info("Syncing %s (%s, %s) into ServiceNow: %d devices recorded from earlier syncs, batches of %d, "
@@ -385,6 +395,13 @@ class DeviceSync:
             summary.skip_reasons[str(exc)] = summary.skip_reasons.get(str(exc), 0) + 1
             self._detail_log("skipped", "Skipped device %s (%s) of %s: %s", device_id, record.name, self.source, exc)
             return None, None
+        shared = {i for i in identifiers(item) if self._claimed.setdefault(i, device_id) != device_id}
+        if shared:   # another device of this inventory already reported that serial / MAC
+            item = without_identifiers(item, shared)
+            summary.shared_identifiers += 1
+            self._detail_log("sharing identifiers", "Device %s (%s) of %s reports %s like an earlier device; "
+                             "not used to identify it (kept as defender.shared_* values)", device_id, record.name,
+                             self.source, ", ".join(sorted(i.split(":", 1)[1] for i in shared)))
         digest = payload_digest(item, last_seen_resolution_hours=self.resolution)
         entry = state.get(device_id)
         if entry and entry[_MISSING]:
