@@ -447,7 +447,8 @@ class ServiceNowHook(BaseHook):
             if offset is None:
                 break
             params["sysparm_offset"] = offset
-        self.log.info("Read %d %s records in %d pages", rows, table, pages)
+        # One line per multi-page crawl; single-page look-ups (the engines make many) only at debug level.
+        (self.log.info if pages > 1 else self.log.debug)("Read %d %s records in %d pages", rows, table, pages)
 
     def query(self, table: str, query: str = "", fields: Iterable[str] | None = None,
               limit: int | None = None) -> list[dict]:
