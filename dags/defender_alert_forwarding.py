@@ -1,7 +1,9 @@
 """defender_alert_forwarding: forward new Defender for IoT alerts to ServiceNow, following forwarding rules.
 
 Started by new alerts: ``DefenderAlertTrigger`` (run by the triggerer through an AssetWatcher) polls every
-source each ``DEFENDER_ALERT_POLL_SECONDS`` and wakes this DAG. The task then re-reads the alerts from its
+source each ``DEFENDER_ALERT_POLL_SECONDS`` and wakes this DAG. It also runs every
+``DEFENDER_ALERT_SAFETY_RUN_MINUTES`` (default 30; 0 = off) as a safety net: a lost event or a stopped
+triggerer then delays alerts instead of losing them. The task then re-reads the alerts from its
 own durable watermark, applies the rules of ``DEFENDER_FORWARDING_RULES_FILE`` (validated when this file is
 parsed) and creates one incident / application-table record per alert and destination, exactly once.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Asset, AssetWatcher, Param, dag, task
+from airflow.sdk import Asset, AssetOrTimeSchedule, AssetWatcher, DeltaTriggerTimetable, Param, dag, task
 from defender_servicenow import settings
 from defender_servicenow.rules import load_rules
 from defender_servicenow.triggers.alerts import DefenderAlertTrigger
@@ -29,6 +31,11 @@ ALERTS = Asset(
                                      lookback_minutes=settings.alert_lookback_minutes()),
     )],
 )
+
+
+SAFETY_RUN_MINUTES = settings.alert_safety_run_minutes()
+SCHEDULE = (AssetOrTimeSchedule(assets=[ALERTS], timetable=DeltaTriggerTimetable(timedelta(minutes=SAFETY_RUN_MINUTES)))
+            if SAFETY_RUN_MINUTES else [ALERTS])
 
 
 def _parse_params(params: dict) -> dict:
@@ -61,7 +68,7 @@ def _parse_params(params: dict) -> dict:
 
 @dag(
     dag_id="defender_alert_forwarding",
-    schedule=[ALERTS],
+    schedule=SCHEDULE,
     start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

@@ -84,3 +84,29 @@ def test_connection_types_registered_with_ui_metadata():
     hooks = pm.hooks
     assert hooks["servicenow"].hook_class_name.endswith("ServiceNowHook")
     assert hooks["defender_iot"].hook_class_name.endswith("DefenderIoTHook")
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(None, timedelta(minutes=30)), ("15", timedelta(minutes=15)),
+                                               ("0", None)])
+def test_forwarding_safety_run_schedule(monkeypatch, raw, expected):
+    """Besides the watcher's events, a periodic run catches up after a lost event or a stopped triggerer."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    if raw is None:
+        monkeypatch.delenv("DEFENDER_ALERT_SAFETY_RUN_MINUTES", raising=False)
+    else:
+        monkeypatch.setenv("DEFENDER_ALERT_SAFETY_RUN_MINUTES", raw)
+    bag = DagBag(dag_folder=str(ROOT / "dags" / "defender_alert_forwarding.py"))
+    timetable = bag.dags["defender_alert_forwarding"].timetable
+    assert list(timetable.asset_condition.objects), "always started by the alert watcher"
+    inner = getattr(timetable, "timetable", None)
+    assert (inner.delta if inner is not None else None) == expected
+
+
+def test_forwarding_safety_run_rejects_tiny_intervals(monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("DEFENDER_ALERT_SAFETY_RUN_MINUTES", "2")
+    bag = DagBag(dag_folder=str(ROOT / "dags" / "defender_alert_forwarding.py"))
+    (message,) = bag.import_errors.values()
+    assert "DEFENDER_ALERT_SAFETY_RUN_MINUTES" in message

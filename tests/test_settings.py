@@ -76,3 +76,15 @@ def test_alert_lookback_minutes(raw, expected):
 def test_alert_lookback_minutes_invalid(raw):
     with pytest.raises(ConfigError, match="DEFENDER_ALERT_LOOKBACK_MINUTES"):
         settings.alert_lookback_minutes({"DEFENDER_ALERT_LOOKBACK_MINUTES": raw})
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(None, 30), ("0", 0), ("5", 5), ("120", 120)])
+def test_alert_safety_run_minutes(raw, expected):
+    env = {} if raw is None else {"DEFENDER_ALERT_SAFETY_RUN_MINUTES": raw}
+    assert settings.alert_safety_run_minutes(env) == expected
+
+
+@pytest.mark.parametrize("raw", ["-1", "3", "abc", "7.5"])
+def test_alert_safety_run_minutes_invalid(raw):
+    with pytest.raises(ConfigError, match="DEFENDER_ALERT_SAFETY_RUN_MINUTES"):
+        settings.alert_safety_run_minutes({"DEFENDER_ALERT_SAFETY_RUN_MINUTES": raw})

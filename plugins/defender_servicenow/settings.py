@@ -26,6 +26,7 @@ DEFAULT_RETIRE_AFTER_MISSING_RUNS = 3
 DEFAULT_ALERT_POLL_SECONDS = 15.0
 MIN_ALERT_POLL_SECONDS = 1.0
 DEFAULT_ALERT_LOOKBACK_MINUTES = 10.0
+DEFAULT_ALERT_SAFETY_RUN_MINUTES = 30
 
 _CONN_ID = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -100,6 +101,18 @@ def alert_lookback_minutes(environ: dict | None = None) -> float:
     off. Default 10."""
     return _number("DEFENDER_ALERT_LOOKBACK_MINUTES", environ, default=DEFAULT_ALERT_LOOKBACK_MINUTES,
                    minimum=0, maximum=7 * 24 * 60, integer=False, unit="minutes")
+
+
+def alert_safety_run_minutes(environ: dict | None = None) -> int:
+    """``DEFENDER_ALERT_SAFETY_RUN_MINUTES``: the forwarding DAG also runs on this schedule, besides the
+    alert watcher's events, so that a lost event or a stopped triggerer delays alerts instead of losing
+    them; 0 turns it off. Default 30, minimum 5 when on."""
+    value = _number("DEFENDER_ALERT_SAFETY_RUN_MINUTES", environ, default=DEFAULT_ALERT_SAFETY_RUN_MINUTES,
+                    minimum=0, integer=True, unit="minutes")
+    if 0 < value < 5:
+        raise ConfigError(f"DEFENDER_ALERT_SAFETY_RUN_MINUTES={value}: give 0 (off) or at least 5 minutes "
+                          f"(default {DEFAULT_ALERT_SAFETY_RUN_MINUTES})")
+    return value
 
 
 def servicenow_conn_id(environ: dict | None = None) -> str:
