@@ -76,6 +76,18 @@ def test_dags_parse_and_are_unpaused(stack):
         assert dags[dag_id]["is_paused"] is False
 
 
+def test_connection_form_offers_both_connection_types(stack):
+    """The UI's connection form (3.2+ provider metadata): relabelled fields and typed extras."""
+    meta = {m["connection_type"]: m for m in stack.api_json("GET", "/ui/connections/hook_meta")}
+    servicenow, defender = meta["servicenow"], meta["defender_iot"]
+    assert servicenow["hook_name"] == "ServiceNow"
+    assert servicenow["standard_fields"]["host"]["title"] == "Instance URL"
+    assert {"client_id", "client_secret", "auth_type", "verify", "proxy", "timeout"} <= set(servicenow["extra_fields"])
+    assert defender["standard_fields"]["password"]["title"] == "API access token"
+    assert defender["standard_fields"]["login"]["hidden"] is True
+    assert {"appliance", "name", "verify", "proxy", "timeout"} <= set(defender["extra_fields"])
+
+
 def test_rest_api_needs_a_token(stack):
     assert requests.get(f"{stack.api_url}/api/v2/dags", timeout=10).status_code == 401
 
