@@ -97,6 +97,19 @@ class FakeServiceNow:
         self.companies[values["name"]] = sys_id = f"c{next(self._ids):031x}"
         return {"sys_id": sys_id}
 
+    other_claims: list[dict] = []   # sys_object_source rows of other sources
+    deleted: list[tuple] = []
+
+    def query_in(self, table, field, values, query="", fields=None):
+        assert (table, field) == ("sys_object_source", "target_sys_id")
+        wanted = set(values)
+        rows = [{"sys_id": f"so-{key}", "name": "MicrosoftDefenderIoT", "id": key, "target_sys_id": ci["sys_id"]}
+                for key, ci in self.cis.items() if ci["sys_id"] in wanted]
+        return rows + [r for r in self.other_claims if r["target_sys_id"] in wanted]
+
+    def delete_record(self, table, sys_id):
+        self.deleted = [*self.deleted, (table, sys_id)]
+
 
 def run(defender, servicenow, store, **kw):
     options = dict(source="sensor_a", defender=defender, servicenow=servicenow, state_store=store,
@@ -213,6 +226,21 @@ def test_sensor_device_missing_n_runs_is_retired_never_on_failed_extraction():
     defender.devices = devices                                      # it comes back: revived
     back = run(defender, sn, store, retire_after_missing_runs=2)
     assert back.updated == 1 and sn.cis["sensor_a:4"]["install_status"] == "1"
+
+
+def test_a_device_another_source_still_reports_is_released_not_retired():
+    devices = [device(i) for i in range(1, 4)]
+    defender, sn, store = FakeDefender(devices), FakeServiceNow(), MemoryStateStore()
+    run(defender, sn, store, retire_after_missing_runs=1)
+    ci = sn.cis["sensor_a:3"]["sys_id"]
+    sn.other_claims = [{"sys_id": "so-other", "name": "MicrosoftDefenderIoT", "id": "sensor_b:77",
+                        "target_sys_id": ci}]                       # sensor b sees the same device
+    defender.devices = devices[:2]                                  # device 3 gone from sensor a
+    summary = run(defender, sn, store, retire_after_missing_runs=1)
+    assert (summary.retired, summary.released) == (0, 1) and sn.updates == []   # the CI stays operational
+    assert sn.deleted == [("sys_object_source", "so-sensor_a:3")]   # only sensor a's own claim is dropped
+    assert SourceState(store, "sensor_a").get("3") is None
+    assert run(defender, sn, store, retire_after_missing_runs=1).released == 0  # once
 
 
 def test_console_deleted_devices_are_retired():
@@ -400,3 +428,33 @@ def test_devices_reporting_the_same_serial_or_mac_stay_separate_cis(defender_sim
     assert (shared[0]["sys_id"], "defender.shared_serial") not in notes   # the first keeps its identifiers
     again = sim_engine("defender_sensor_1", store).run()
     assert (again.failed, again.inserted, again.updated) == (0, 0, 0)   # stable: nothing resent
+
+
+def test_one_device_seen_by_two_sensors_is_retired_only_when_both_lose_it(defender_sim_factory, servicenow_conn):
+    s1 = defender_sim_factory(mode="sensor", devices=6, conn_id="defender_sensor_1", seed=1)
+    s2 = defender_sim_factory(mode="sensor", devices=6, conn_id="defender_sensor_2", seed=2)
+    d1, d2 = s1.sim.device_ids()[0], s2.sim.device_ids()[0]
+    for sim, device_id, name in ((s1, d1, "PLC seen by sensor 1"), (s2, d2, "PLC seen by sensor 2")):
+        sim.sim.update_device(device_id, name=name, macAddresses=["00:1b:1b:aa:bb:01"], type="PLC")
+    sn = servicenow_conn.sim
+    stores = {"defender_sensor_1": MemoryStateStore(), "defender_sensor_2": MemoryStateStore()}
+
+    def sync(source):
+        return sim_engine(source, stores[source], retire_after_missing_runs=1).run()
+
+    sync("defender_sensor_1"), sync("defender_sensor_2")
+    written = cis(sn)
+    ci = written[f"defender_sensor_1:{d1}"]
+    assert written[f"defender_sensor_2:{d2}"]["sys_id"] == ci["sys_id"]   # one physical device, one CI
+
+    s1.sim.delete_device(d1)
+    first = sync("defender_sensor_1")
+    assert (first.retired, first.released) == (0, 1)
+    assert sn.get(ci["sys_id"]).get("install_status") != "7"            # sensor 2 still reports it
+    assert [r["id"] for r in sn.table("sys_object_source") if r["target_sys_id"] == ci["sys_id"]] == [
+        f"defender_sensor_2:{d2}"]
+
+    s2.sim.delete_device(d2)
+    last = sync("defender_sensor_2")
+    assert last.retired == 1
+    assert (sn.get(ci["sys_id"])["install_status"], sn.get(ci["sys_id"])["operational_status"]) == ("7", "6")

@@ -27,6 +27,7 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 
 from defender_servicenow import settings
 from defender_servicenow.exceptions import IntegrationError, ServiceNowError
+from defender_servicenow.hooks.servicenow import in_queries  # noqa: F401  (re-exported for callers)
 from defender_servicenow.models import Alert, Device, InvalidRecord, datetime_to_ms, ms_to_datetime
 from defender_servicenow.rules import Destination, RuleSet, is_system_notification
 
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 CORRELATION_DISPLAY = "Microsoft Defender for IoT"
 TEMPLATES_DIR = settings.PROJECT_ROOT / "include" / "templates"
 CHUNK_SIZE = 100  # alerts per lookup query and per Batch API call
-MAX_QUERY_CHARS = 6000  # keep encoded IN-queries well below URL length limits (414)
 SERVICENOW_MAX_RETRY_SECONDS = 120.0  # per call; the task's own retries cover longer outages
 
 
@@ -243,22 +243,6 @@ def record_key_field(dest: Destination) -> str:
 
 def record_key(dest: Destination, alert: Alert) -> str:
     return correlation_id(alert) if dest.report_type == "incidents" else alert.key
-
-
-def in_queries(field_name: str, values: Iterable[str], prefix: str = "",
-               max_chars: int = MAX_QUERY_CHARS) -> Iterator[str]:
-    """Encoded ``<field>IN<v1>,<v2>...`` queries, split so that none exceeds ``max_chars``."""
-    head = f"{prefix}^{field_name}IN" if prefix else f"{field_name}IN"
-    part: list[str] = []
-    size = len(head)
-    for value in dict.fromkeys(values):
-        if part and size + len(value) + 1 > max_chars:
-            yield head + ",".join(part)
-            part, size = [], len(head)
-        part.append(value)
-        size += len(value) + 1
-    if part:
-        yield head + ",".join(part)
 
 
 def _ref(value: Any) -> str:

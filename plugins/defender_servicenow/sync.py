@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -207,6 +207,7 @@ class SyncSummary:
     would_retire: int = 0
     ire_requests: int = 0
     shared_identifiers: int = 0                                   # devices whose serial/MAC another reported
+    released: int = 0                                             # gone here, CI kept: another source has it
     errors: dict[str, int] = field(default_factory=dict)          # IRE error code -> devices
     skip_reasons: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)  # code -> first device ids
@@ -227,6 +228,11 @@ class SyncSummary:
         ids = self.examples.setdefault(code, [])
         if len(ids) < 20:
             ids.append(device_id)
+
+
+def _ref(value: Any) -> str:
+    """A reference field's sys_id, whether ServiceNow sent it plain or as ``{"link", "value"}``."""
+    return (value.get("value") or "") if isinstance(value, dict) else (value or "")
 
 
 # --------------------------------------------------------------------------- engine
@@ -484,8 +490,13 @@ class DeviceSync:
                     state.put(device_id, [*entry[:_MISSING], missing, 0])
                     log.info("Device %s of %s is missing from the inventory (%d of %d runs before it is "
                              "retired)", device_id, self.source, missing, self.retire_after)
+        shared = self._claimed_elsewhere(state, candidates)
         for device_id in candidates:
             entry = state.get(device_id)
+            others = shared.get(device_id)
+            if others is not None:
+                self._release(state, device_id, entry, others, summary)
+                continue
             if self.dry_run:
                 summary.would_retire += 1
                 log.info("Would retire device %s of %s (%s %s)", device_id, self.source, entry[_CLASS],
@@ -504,6 +515,46 @@ class DeviceSync:
             state.put(device_id, [entry[_D], entry[_SYS_ID], entry[_CLASS], 0, 1])
             self._detail_log("retired", "Retired device %s of %s: %s %s (install_status 7, operational_status 6)",
                              device_id, self.source, entry[_CLASS], entry[_SYS_ID])
+
+    def _claimed_elsewhere(self, state: SourceState, candidates: list[str]) -> dict[str, tuple[list[str], list[str]]]:
+        """Candidates whose CI another source also reports (another sensor, another discovery tool):
+        device id -> (other sources' ``name:id``, sys_ids of this source's own ``sys_object_source`` rows)."""
+        if not candidates:
+            return {}
+        by_ci: dict[str, list[str]] = defaultdict(list)
+        for device_id in candidates:
+            by_ci[state.get(device_id)[_SYS_ID]].append(device_id)
+        rows = self.servicenow.query_in("sys_object_source", "target_sys_id", list(by_ci),
+                                        fields=["sys_id", "name", "id", "target_sys_id"])
+        claims: dict[str, list[dict]] = defaultdict(list)
+        for row in rows:
+            claims[_ref(row.get("target_sys_id"))].append(row)
+        out = {}
+        for sys_id, device_ids in by_ci.items():
+            for device_id in device_ids:
+                own_key = f"{self.source}:{device_id}"
+                mine = [r for r in claims[sys_id] if r.get("name") == self.source_name and r.get("id") == own_key]
+                others = [f"{r.get('name')}:{r.get('id')}" for r in claims[sys_id] if r not in mine]
+                if others:
+                    out[device_id] = (others, [r["sys_id"] for r in mine if r.get("sys_id")])
+        return out
+
+    def _release(self, state: SourceState, device_id: str, entry: list, claims: tuple[list[str], list[str]],
+                 summary: SyncSummary) -> None:
+        """The device left this source but its CI is still reported by another: keep the CI, drop this
+        source's claim (its ``sys_object_source`` row), so that the last source to lose it retires it."""
+        others, own_rows = claims
+        if self.dry_run:
+            log.info("Would keep the CI of device %s of %s (%s %s): still reported by %s", device_id, self.source,
+                     entry[_CLASS], entry[_SYS_ID], ", ".join(others[:5]))
+            return
+        for row_id in own_rows:
+            self.servicenow.delete_record("sys_object_source", row_id)
+        state.remove(device_id)
+        summary.released += 1
+        self._detail_log("released", "Device %s of %s is gone from this source, but its CI (%s %s) is still "
+                         "reported by %s: the CI stays; this source's claim on it is released", device_id,
+                         self.source, entry[_CLASS], entry[_SYS_ID], ", ".join(others[:5]))
 
     def _deleted_on_console(self, state: SourceState, present: set[str]) -> list[str]:
         last = self.meta_last_success(state)

@@ -155,6 +155,25 @@ class _Token:
     grant: str
 
 
+MAX_QUERY_CHARS = 6000  # encoded IN-queries stay well below URL length limits (414 Request-URI Too Long)
+
+
+def in_queries(field_name: str, values: Iterable[str], prefix: str = "",
+               max_chars: int = MAX_QUERY_CHARS) -> Iterator[str]:
+    """Encoded ``<field>IN<v1>,<v2>...`` queries, split so that none exceeds ``max_chars``."""
+    head = f"{prefix}^{field_name}IN" if prefix else f"{field_name}IN"
+    part: list[str] = []
+    size = len(head)
+    for value in dict.fromkeys(values):
+        if part and size + len(value) + 1 > max_chars:
+            yield head + ",".join(part)
+            part, size = [], len(head)
+        part.append(value)
+        size += len(value) + 1
+    if part:
+        yield head + ",".join(part)
+
+
 class ServiceNowHook(BaseHook):
     """Talk to a ServiceNow instance: Table API, Batch API and the IRE.
 
@@ -449,6 +468,15 @@ class ServiceNowHook(BaseHook):
             params["sysparm_offset"] = offset
         # One line per multi-page crawl; single-page look-ups (the engines make many) only at debug level.
         (self.log.info if pages > 1 else self.log.debug)("Read %d %s records in %d pages", rows, table, pages)
+
+    def query_in(self, table: str, field: str, values: Iterable[str], query: str = "",
+                 fields: Iterable[str] | None = None) -> list[dict]:
+        """Records whose ``field`` is one of ``values`` (and match ``query``), in as few ``<field>IN...``
+        queries as the URL length allows."""
+        out: list[dict] = []
+        for encoded in in_queries(field, values, prefix=query):
+            out.extend(self.query(table, encoded, fields))
+        return out
 
     def query(self, table: str, query: str = "", fields: Iterable[str] | None = None,
               limit: int | None = None) -> list[dict]:
