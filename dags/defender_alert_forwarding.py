@@ -107,7 +107,10 @@ def defender_alert_forwarding():
                 conn_id, max_retry_time=forwarding.SERVICENOW_MAX_RETRY_SECONDS),
         )
         reports = forwarder.run(options["sources"], since=options["since"], until=options["until"])
-        forwarding.raise_if_incomplete(reports)
+        try:
+            forwarding.raise_if_incomplete(reports)
+        except forwarding.ForwardingCredentialsError as exc:  # no retry: it could lock the user out
+            raise AirflowFailException(str(exc)) from None
         return [r.as_dict() for r in reports]
 
     forward_alerts()

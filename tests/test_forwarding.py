@@ -367,3 +367,27 @@ def test_a_broken_source_does_not_stop_the_others(defender_sim_factory, servicen
     with pytest.raises(fwd.ForwardingIncompleteError, match="sources not read: defender_gone"):
         fwd.raise_if_incomplete([gone, good])
     assert state.data["forwarded_up_to:defender_gone"] == fwd.make_watermark(1)
+
+
+def test_rejected_credentials_are_not_retried_and_lose_nothing(defender_sim_factory, servicenow_conn):
+    d = defender_sim_factory(mode="sensor", alerts=0)
+    sn = servicenow_conn
+    rules = rules_with()
+    state = DictState()
+    baseline(rules, state, ["defender_iot_default"])
+    wm0 = state.data["forwarded_up_to:defender_iot_default"]
+    new = d.sim.add_alerts(2, severity="Major", engine="Anomaly", title="Address Scan Detected")
+    sn.sim.set_faults(reject_credentials=True, revoke_tokens=True)
+    (report,) = forwarder(rules, state, retry_seconds=1).run(["defender_iot_default"])
+    assert report.credentials_rejected and report.created == 0
+    with pytest.raises(fwd.ForwardingCredentialsError, match="not retried") as err:
+        fwd.raise_if_incomplete([report])
+    assert sn.sim.config.users  # the secret itself never appears in the message
+    assert all(secret not in str(err.value) for secret in ("sim-Password-1", "sim-client-secret-0123456789"))
+    assert state.data["forwarded_up_to:defender_iot_default"] == wm0
+
+    sn.sim.set_faults(reject_credentials=False)                  # fixed by an admin
+    (report,) = forwarder(rules, state).run(["defender_iot_default"])
+    assert report.created == 2 and not report.credentials_rejected
+    assert sorted(r["correlation_id"] for r in sn.sim.table("incident")) == sorted(
+        f"defender-iot:defender_iot_default:{a['id']}" for a in new)

@@ -26,7 +26,12 @@ import jinja2
 from airflow.sdk.exceptions import AirflowNotFoundException
 
 from defender_servicenow import settings
-from defender_servicenow.exceptions import IntegrationError, ServiceNowError
+from defender_servicenow.exceptions import (
+    DefenderAuthError,
+    IntegrationError,
+    ServiceNowAuthError,
+    ServiceNowError,
+)
 from defender_servicenow.hooks.servicenow import in_queries  # noqa: F401  (re-exported for callers)
 from defender_servicenow.models import Alert, Device, InvalidRecord, datetime_to_ms, ms_to_datetime
 from defender_servicenow.rules import Destination, RuleSet, is_system_notification
@@ -70,6 +75,11 @@ class StateStore(Protocol):
 
 class ForwardingIncompleteError(IntegrationError):
     """Some alerts could not be forwarded; the watermark stays before them so the retry resumes there."""
+
+
+class ForwardingCredentialsError(ForwardingIncompleteError):
+    """ServiceNow or Defender rejected the credentials: retrying at once cannot help (and repeated failed
+    logins can lock the integration user out); the next run resumes from the watermark."""
 
 
 # --------------------------------------------------------------------------- watermarks (pure)
@@ -277,6 +287,7 @@ class SourceReport:
     would_create: int = 0
     failures: list[Failure] = field(default_factory=list)
     error: str | None = None
+    credentials_rejected: bool = False
     watermark: dict | None = None
 
     def as_dict(self) -> dict:
@@ -376,6 +387,7 @@ class AlertForwarder:
             devices = self._devices(dhook, alerts) if self.rules.needs_protocols and alerts else {}
         except (IntegrationError, AirflowNotFoundException) as exc:  # one bad source must not stop the others
             report.error = str(exc)
+            report.credentials_rejected = isinstance(exc, (DefenderAuthError, ServiceNowAuthError))
             return report
 
         contexts: dict[str, AlertContext] = {}
@@ -495,6 +507,7 @@ class AlertForwarder:
                     if items:
                         self._write(hook, dest, items, pending, report)
         except (ServiceNowError, AirflowNotFoundException) as exc:
+            report.credentials_rejected |= isinstance(exc, ServiceNowAuthError)
             answer = str(exc)
             if getattr(exc, "answer", None) and exc.answer not in answer:
                 answer += f" (ServiceNow answered: {exc.answer})"
@@ -568,6 +581,11 @@ def raise_if_incomplete(reports: Sequence[SourceReport]) -> None:
             parts.append(f"{len(set(failed))} alert(s) not forwarded ({shown})")
         if errors:
             parts.append("sources not read: " + "; ".join(errors))
+        if any(r.credentials_rejected for r in reports):
+            raise ForwardingCredentialsError(
+                "; ".join(parts) + ". Credentials were rejected: fix the connection named above (the task is not "
+                "retried, so the integration user is not locked out). Nothing is lost: the forwarding watermark "
+                "stays before these alerts and the next run resumes there without duplicates.")
         raise ForwardingIncompleteError(
             "; ".join(parts) + ". The forwarding watermark stays before them; the task retries and the next "
             "run resumes there without duplicates. Check the ServiceNow/Defender connections if this persists.")
