@@ -29,6 +29,7 @@ SOURCES = settings.defender_sources()
 FREQUENCY_MINUTES = settings.sync_frequency_minutes()
 SERVICENOW_CONN_ID = settings.servicenow_conn_id()
 RETIRE_AFTER_MISSING_RUNS = settings.retire_after_missing_runs()
+AIRFLOW_API_CONN_ID = settings.airflow_api_conn_id()   # optional: write the summary as the run's note
 IRE_BATCH_SIZE = 100      # items per IRE request
 IRE_PARALLEL = 4          # IRE requests in flight per source
 
@@ -54,7 +55,7 @@ Identification and Reconciliation Engine (connection `{SERVICENOW_CONN_ID}`). Ru
 * **Enable Sync**: this DAG's pause switch. Paused = sync off; unpause to turn it on.
 * **Last Sync**: each source's asset `defender_device_sync/<source>` gets an event per successful sync,
   with the counts (seen, inserted, updated, unchanged, retired, skipped, failed) in its extra; the last
-  line of each task log is the same summary.
+  line of each task log is the same summary; with `AIRFLOW_API_CONN_ID` set, the run's note says it too.
 * Only devices whose attributes changed since their last confirmed sync are sent. Trigger with
   `full_resync` to send everything, `dry_run` to preview (the IRE reports what it would do; nothing is
   written), `sources` to sync only some sources.
@@ -131,7 +132,7 @@ def defender_device_sync():
         return result
 
     @task(retries=0, trigger_rule="all_done")   # report the sources that synced even when another failed
-    def report(results, params=None) -> str:
+    def report(results, params=None, dag_run=None) -> str:
         results = [r for r in results or [] if r]
         totals = {name: sum(r[name] for r in results) for name in
                   ("seen", "inserted", "updated", "unchanged", "retired", "skipped", "failed")}
@@ -140,6 +141,10 @@ def defender_device_sync():
         line = (f"{len(results)} source(s) synced{' (dry run: nothing written)' if params['dry_run'] else ''}: "
                 + ", ".join(f"{k} {v}" for k, v in totals.items()))
         log.info(line)
+        if AIRFLOW_API_CONN_ID and dag_run is not None:
+            from defender_servicenow.run_note import set_run_note
+
+            set_run_note(AIRFLOW_API_CONN_ID, dag_run.dag_id, dag_run.run_id, f"Last Sync: {line}")
         return line
 
     report(sync_source.expand(source=select_sources()))

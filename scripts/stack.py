@@ -224,6 +224,10 @@ class Stack:
             f"AIRFLOW_CONN_{DEFENDER_CONN_ID.upper()}": json.dumps({
                 "conn_type": "defender_iot", "host": self.defender_url, "password": SIM_TOKEN,
                 "extra": {"appliance": "management_console", "name": "demo-management-console"}}),
+            # Lets the device sync write its summary as the run's note (through Airflow's REST API).
+            "AIRFLOW_CONN_AIRFLOW_API": json.dumps({"conn_type": "http", "host": api, "login": USERNAME,
+                                                    "password": self.password}),
+            "AIRFLOW_API_CONN_ID": "airflow_api",
             "DEFENDER_SOURCES": DEFENDER_CONN_ID,
             "SERVICENOW_CONN_ID": SERVICENOW_CONN_ID,
             "DEFENDER_FORWARDING_RULES_FILE": str(rules),

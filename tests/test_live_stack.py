@@ -96,6 +96,8 @@ def test_rest_triggered_sync_creates_cis(stack):
     run_id = stack.trigger("defender_device_sync", {"full_resync": True})
     state = stack.wait_for_run("defender_device_sync", run_id)
     assert state == "success", _failure_context(stack, "defender_device_sync", run_id)
+    run = stack.api_json("GET", f"/api/v2/dags/defender_device_sync/dagRuns/{run_id}")
+    assert (run.get("note") or "").startswith("Last Sync: 1 source(s) synced: seen "), run.get("note")
 
     devices = requests.get(f"{stack.defender_url}/external/v1/devices", timeout=30,
                            headers={"Authorization": stack.defender_token}).json()

@@ -88,3 +88,10 @@ def test_alert_safety_run_minutes(raw, expected):
 def test_alert_safety_run_minutes_invalid(raw):
     with pytest.raises(ConfigError, match="DEFENDER_ALERT_SAFETY_RUN_MINUTES"):
         settings.alert_safety_run_minutes({"DEFENDER_ALERT_SAFETY_RUN_MINUTES": raw})
+
+
+def test_airflow_api_conn_id_is_optional():
+    assert settings.airflow_api_conn_id({}) is None
+    assert settings.airflow_api_conn_id({"AIRFLOW_API_CONN_ID": "airflow_api"}) == "airflow_api"
+    with pytest.raises(ConfigError, match="AIRFLOW_API_CONN_ID"):
+        settings.airflow_api_conn_id({"AIRFLOW_API_CONN_ID": "a,b"})

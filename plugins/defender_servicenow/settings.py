@@ -115,6 +115,19 @@ def alert_safety_run_minutes(environ: dict | None = None) -> int:
     return value
 
 
+def airflow_api_conn_id(environ: dict | None = None) -> str | None:
+    """``AIRFLOW_API_CONN_ID`` (optional): an Airflow connection to Airflow's own REST API (host = the API
+    server's base URL, login/password of a user who may edit DAG runs). When set, the device sync writes
+    its summary as the run's note."""
+    value = _env("AIRFLOW_API_CONN_ID", environ)
+    if value is None:
+        return None
+    ids = parse_conn_ids(value, "AIRFLOW_API_CONN_ID")
+    if len(ids) != 1:
+        raise ConfigError(f"AIRFLOW_API_CONN_ID={value!r}: give exactly one connection id")
+    return ids[0]
+
+
 def servicenow_conn_id(environ: dict | None = None) -> str:
     """``SERVICENOW_CONN_ID``: the ServiceNow connection the DAGs use unless a rule names another."""
     value = _env("SERVICENOW_CONN_ID", environ) or DEFAULT_SERVICENOW_CONN_ID
