@@ -21,6 +21,7 @@ MAX_NOTE_CHARS = 1000  # the API's limit for a run note
 def set_run_note(conn_id: str, dag_id: str, run_id: str, note: str, *, timeout: float = 10.0) -> bool:
     """Set the note of ``dag_id``/``run_id`` through the REST API; True when Airflow accepted it."""
     from airflow.sdk import BaseHook
+    from airflow.sdk.log import mask_secret
 
     try:
         conn = BaseHook.get_connection(conn_id)
@@ -34,12 +35,7 @@ def set_run_note(conn_id: str, dag_id: str, run_id: str, note: str, *, timeout: 
                         "connection %r; check its login and password", token.status_code, conn_id)
             return False
         access = token.json()["access_token"]
-        try:
-            from airflow.sdk.log import mask_secret
-
-            mask_secret(access)
-        except ImportError:  # pragma: no cover
-            pass
+        mask_secret(access)
         answer = requests.patch(
             f"{base}/api/v2/dags/{quote(dag_id, safe='')}/dagRuns/{quote(run_id, safe='')}",
             params={"update_mask": "note"}, json={"note": note[:MAX_NOTE_CHARS]},

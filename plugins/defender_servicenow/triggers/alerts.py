@@ -25,11 +25,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 import httpx
-
-try:  # Airflow 3.3: BaseEventTrigger lives in the core package
-    from airflow.triggers.base import BaseEventTrigger, TriggerEvent
-except ImportError:  # pragma: no cover
-    from airflow.sdk.bases.trigger import BaseEventTrigger, TriggerEvent  # type: ignore[no-redef]
+from airflow.sdk.log import mask_secret
+from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
 from defender_servicenow.forwarding import rule_first_seen_key, seen_key
 
@@ -110,12 +107,7 @@ class DefenderAlertTrigger(BaseEventTrigger):
             raise ValueError(f"connection {conn_id!r} needs a host and an API token (password)")
         if "://" not in host:
             host = f"https://{host}{f':{conn.port}' if conn.port else ''}"
-        try:
-            from airflow.sdk.log import mask_secret
-
-            mask_secret(conn.password)
-        except ImportError:  # pragma: no cover
-            pass
+        mask_secret(conn.password)
         verify = extra.get("verify", True)
         if isinstance(verify, str) and verify.strip().lower() in ("true", "false"):
             verify = verify.strip().lower() == "true"
