@@ -36,6 +36,7 @@ from defender_servicenow.exceptions import (
     ServiceNowForbiddenError,
     ServiceNowInvalidTableError,
 )
+from defender_servicenow.hooks.servicenow import sys_id_of as _ref
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +192,6 @@ class Found:
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-def _ref(value: Any) -> str:
-    """A reference field's sys_id, whether it came as a plain string or as ``{"value": ..., "link": ...}``."""
-    return value.get("value", "") if isinstance(value, dict) else (value or "")
 
 
 def _read(hook, table: str, query: str, fields: list[str]) -> list[dict]:

@@ -33,6 +33,7 @@ from defender_servicenow.exceptions import (
     ServiceNowError,
 )
 from defender_servicenow.hooks.servicenow import in_queries  # noqa: F401  (re-exported for callers)
+from defender_servicenow.hooks.servicenow import sys_id_of as _ref
 from defender_servicenow.models import Alert, Device, InvalidRecord, datetime_to_ms, ms_to_datetime
 from defender_servicenow.rules import Destination, RuleSet, is_system_notification
 
@@ -253,10 +254,6 @@ def record_key_field(dest: Destination) -> str:
 
 def record_key(dest: Destination, alert: Alert) -> str:
     return correlation_id(alert) if dest.report_type == "incidents" else alert.key
-
-
-def _ref(value: Any) -> str:
-    return (value.get("value") or "") if isinstance(value, dict) else (value or "")
 
 
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:

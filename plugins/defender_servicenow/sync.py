@@ -37,6 +37,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 from defender_servicenow.exceptions import ConfigError, ServiceNowError
+from defender_servicenow.hooks.servicenow import sys_id_of as _ref
 from defender_servicenow.mapping import (
     ClassMapping,
     MappingError,
@@ -228,11 +229,6 @@ class SyncSummary:
         ids = self.examples.setdefault(code, [])
         if len(ids) < 20:
             ids.append(device_id)
-
-
-def _ref(value: Any) -> str:
-    """A reference field's sys_id, whether ServiceNow sent it plain or as ``{"link", "value"}``."""
-    return (value.get("value") or "") if isinstance(value, dict) else (value or "")
 
 
 # --------------------------------------------------------------------------- engine

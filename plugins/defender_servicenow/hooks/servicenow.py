@@ -155,6 +155,11 @@ class _Token:
     grant: str
 
 
+def sys_id_of(value: Any) -> str:
+    """A reference field's sys_id, whether ServiceNow sent it plain or as ``{"link", "value"}``."""
+    return (value.get("value") or "") if isinstance(value, dict) else (value or "")
+
+
 MAX_QUERY_CHARS = 6000  # encoded IN-queries stay well below URL length limits (414 Request-URI Too Long)
 
 
