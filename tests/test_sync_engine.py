@@ -458,3 +458,36 @@ def test_one_device_seen_by_two_sensors_is_retired_only_when_both_lose_it(defend
     last = sync("defender_sensor_2")
     assert last.retired == 1
     assert (sn.get(ci["sys_id"])["install_status"], sn.get(ci["sys_id"])["operational_status"]) == ("7", "6")
+
+
+def test_entries_the_instance_has_no_ire_rule_for_are_dropped_not_fatal(defender_sim_factory, servicenow_sim_factory,
+                                                                         monkeypatch, caplog):
+    """An instance whose identification rules have no related-entry rule for IT classes and no lookup rule for
+    cmdb_ci_ip_address: the IRE refuses such items (HTTP 200, item errors). The engine resends them without
+    those entries, learns it per class (one retry per class, not per device), and says how to add the rule."""
+    import json
+
+    from include.simulators.servicenow_sim import SIM_PASSWORD, SIM_USER
+
+    defender_sim_factory(mode="sensor", devices=80, conn_id="defender_sensor_1")
+    sn = servicenow_sim_factory(related_rule_classes=("cmdb_ci_ot",),
+                                lookup_rule_tables=("cmdb_serial_number", "cmdb_ci_network_adapter"))
+    monkeypatch.setenv("AIRFLOW_CONN_SERVICENOW_DEFAULT", json.dumps(
+        {"conn_type": "servicenow", "host": sn.url, "login": SIM_USER, "password": SIM_PASSWORD}))
+    store = MemoryStateStore()
+    caplog.set_level("WARNING", logger="defender_servicenow.sync")
+    summary = sim_engine("defender_sensor_1", store, parallel=1).run()
+    assert summary.failed == 0 and summary.inserted == summary.seen - summary.skipped
+    written = cis(sn.sim)
+    assert len(written) == summary.inserted
+    assert sn.sim.table("cmdb_ci_ip_address") == []                       # no lookup rule: none sent
+    ot = {ci["sys_id"] for ci in written.values() if ci["sys_class_name"].startswith("cmdb_ci_ot")}
+    it = {ci["sys_id"] for ci in written.values()} - ot
+    assert ot and it
+    kv_owners = {r["configuration_item"] for r in sn.sim.table("cmdb_key_value")}
+    assert kv_owners <= ot and kv_owners                                 # OT classes keep their attributes
+    assert "no IRE related rule for cmdb_key_value" in caplog.text and "CI Class Manager" in caplog.text
+    warnings = [r for r in caplog.records if "no IRE" in r.getMessage()]
+    assert len(warnings) == len({(r.args[1], r.args[2]) for r in warnings})  # once per (table, class)
+    again = sim_engine("defender_sensor_1", store).run()
+    assert (again.failed, again.inserted, again.updated) == (0, 0, 0)   # stable: nothing resent

@@ -75,6 +75,11 @@ class SimConfig:
     enforce_data_policy: bool = True    # resolving/closing an incident needs close_code and close_notes
     batch_max_items: int | None = None  # items beyond this go to unserviced_requests
     import_sets: dict[str, dict] = field(default_factory=lambda: copy.deepcopy(_DEFAULT_IMPORT_SETS))
+    # IRE rules an instance may lack: classes (and their subclasses) whose identification rule has related
+    # entries for cmdb_key_value / cmdb_ot_entity (None = every hardware class), and the lookup tables
+    # the hardware rule accepts.
+    related_rule_classes: tuple[str, ...] | None = None
+    lookup_rule_tables: tuple[str, ...] = ("cmdb_serial_number", "cmdb_ci_network_adapter", "cmdb_ci_ip_address")
 
 
 @dataclass

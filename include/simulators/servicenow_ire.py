@@ -194,14 +194,16 @@ class _Run:
         return out
 
     # ---------------------------------------------------------- validation
-    def _validate_related(self, index: int, item: dict) -> list:
+    def _validate_related(self, index: int, item: dict, cls: str) -> list:
         raw = item.get("related") or []
+        allowed = self.sim.config.related_rule_classes
+        has_rule = allowed is None or any(a in allowed for a in self.sim.ancestors(cls))
         if not isinstance(raw, list):
             raise ItemError("INVALID_INPUT_DATA", f"In payload item [{index}] 'related' must be an array")
         related, seen = [], set()
         for rel in raw:
             rcls = rel.get("className") if isinstance(rel, dict) else None
-            if rcls not in RELATED_KEYS:
+            if rcls not in RELATED_KEYS or not has_rule:
                 raise ItemError("IDENTIFICATION_RULE_FOR_RELATED_ITEM_MISSING",
                                 f"Identification rule for related table [{rcls}] is missing for item [{index}]")
             rvalues = rel.get("values")
@@ -267,7 +269,7 @@ class _Run:
             raise ItemError("INVALID_INPUT_DATA", f"In payload item [{index}] 'lookup' must be an array")
         for sub, lk in enumerate(raw_lookups):
             lcls = lk.get("className") if isinstance(lk, dict) else None
-            if lcls not in LOOKUP_KEYS:
+            if lcls not in LOOKUP_KEYS or lcls not in self.sim.config.lookup_rule_tables:
                 raise ItemError("IDENTIFICATION_RULE_FOR_LOOKUP_MISSING",
                                 f"Identification rule for lookup table [{lcls}] is missing for item [{index}]")
             lvalues = lk.get("values")
@@ -353,7 +355,7 @@ class _Run:
         sim, now, ds = self.sim, now_str(), self.source
         item = self.raw[index]
         cls, values, lookups, src = self._validate(index, item)
-        related = self._validate_related(index, item)
+        related = self._validate_related(index, item, cls)
         out["identifierEntrySysId"] = HARDWARE_RULE_ID
         match = self._identify(values, lookups, src, out["identificationAttempts"])
         out["relatedItems"] = [{"markers": [], "inputIndices": [{"mainIndex": index, "subIndex": sub}],

@@ -27,6 +27,7 @@ State layout (one writer per key: each source only writes its own keys)::
 from __future__ import annotations
 
 import logging
+import re
 import time
 import zlib
 from collections import Counter, defaultdict, deque
@@ -241,6 +242,18 @@ class _Pending:
     class_name: str
     follow_up: dict | None = None    # first contact: the full item, sent once the CI is identified
     is_follow_up: bool = False
+    item: dict | None = None         # what was sent (to resend it without entries the instance refuses)
+
+
+# IRE item errors for entries the instance has no identification rule for: resend without those entries.
+_MISSING_RULE = {"IDENTIFICATION_RULE_FOR_RELATED_ITEM_MISSING": "related",
+                 "IDENTIFICATION_RULE_FOR_LOOKUP_MISSING": "lookup"}
+_TABLE_IN_MESSAGE = re.compile(r"\[([A-Za-z0-9_]+)\]")
+
+
+def without_entries(item: dict, part: str, table: str) -> dict:
+    """``item`` without its ``part`` (``related`` or ``lookup``) entries of ``table``."""
+    return {**item, part: [e for e in item.get(part) or [] if e.get("className") != table]}
 
 
 def first_contact_item(item: dict) -> dict | None:
@@ -288,6 +301,7 @@ class DeviceSync:
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self._detail: Counter = Counter()
         self._claimed: dict[str, str] = {}   # serial/MAC -> the first device of this run that reported it
+        self._refused: set[tuple[str, str, str]] = set()   # (class, related|lookup, table) without an IRE rule
 
     # ------------------------------------------------------------------ run
 
@@ -414,13 +428,39 @@ class DeviceSync:
             return None, None
         if revived:
             item["values"].update(REVIVED)
-        pending = _Pending(device_id, digest, item["className"])
+        item = self._without_refused_entries(item)   # after the digest: state stays what Defender reports
+        pending = _Pending(device_id, digest, item["className"], item=item)
         if not (entry and entry[_SYS_ID]):
             first = first_contact_item(item)
             if first is not None:   # identify by serial/MAC first; the full item follows once it is known
-                pending.follow_up = item
+                pending.follow_up, pending.item = item, first
                 return first, pending
         return item, pending
+
+    def _without_refused_entries(self, item: dict) -> dict:
+        for (class_name, part, table) in self._refused:
+            if class_name == item["className"]:
+                item = without_entries(item, part, table)
+        return item
+
+    def _resend_without(self, p: _Pending, code: str, message: str) -> bool:
+        """An item refused for a related/lookup table the instance has no IRE rule for: note the table for
+        this class and queue the item again without it. False when there is nothing left to drop."""
+        part, found = _MISSING_RULE[code], _TABLE_IN_MESSAGE.search(message)
+        table = found.group(1) if found else None
+        if p.item is None or table is None or not any(e.get("className") == table for e in p.item.get(part) or []):
+            return False
+        key = (p.item["className"], part, table)
+        if key not in self._refused:
+            self._refused.add(key)
+            log.warning("ServiceNow has no IRE %s rule for %s on class %s (%s): devices of that class are sent "
+                        "without their %s entries from now on. To keep them, add the rule to the class's "
+                        "identification rule (CI Class Manager > %s > Identification rule).", part, table,
+                        p.item["className"], code, table, p.item["className"])
+        retry = _Pending(p.device_id, p.digest, p.class_name, p.follow_up and without_entries(p.follow_up, part,
+                         table), p.is_follow_up, without_entries(p.item, part, table))
+        self._batch.append((retry.item, retry))
+        return True
 
     def _collect(self, future: Future, pending: list[_Pending], state: SourceState, summary: SyncSummary) -> None:
         """Apply one IRE answer: count, log per device, record the confirmed items."""
@@ -439,6 +479,8 @@ class DeviceSync:
             if item is None or errors or unidentified:
                 code = str(errors[0].get("error", "ERROR")) if errors else "NO_RESULT"
                 message = str(errors[0].get("message", "")) if errors else "ServiceNow returned no result for it"
+                if code in _MISSING_RULE and self._resend_without(p, code, message):
+                    continue
                 if code == "INVALID_INPUT_DATA" and "data source" in message:
                     data_source_errors += 1
                 summary.failed += 1
