@@ -34,6 +34,7 @@ ALERTS = Asset(
 
 
 SAFETY_RUN_MINUTES = settings.alert_safety_run_minutes()
+HANDLE_ON_CLOSE = settings.handle_alerts_on_close()   # None = off
 SCHEDULE = (AssetOrTimeSchedule(assets=[ALERTS], timetable=DeltaTriggerTimetable(timedelta(minutes=SAFETY_RUN_MINUTES)))
             if SAFETY_RUN_MINUTES else [ALERTS])
 
@@ -113,7 +114,30 @@ def defender_alert_forwarding():
             raise AirflowFailException(str(exc)) from None
         return [r.as_dict() for r in reports]
 
-    forward_alerts()
+    forwarded = forward_alerts()
+
+    if HANDLE_ON_CLOSE:
+        @task(inlets=[ALERTS], retries=3, retry_delay=timedelta(minutes=1), retry_exponential_backoff=True,
+              trigger_rule="all_done")
+        def handle_closed_alerts(params=None, asset_state_store=None) -> list[str]:
+            """Closed loop: alerts of incidents closed in ServiceNow are handled on the management console."""
+            from airflow.sdk.exceptions import AirflowException
+            from defender_servicenow.closeloop import handle_closed_alerts as run_close_loop
+            from defender_servicenow.hooks.defender import DefenderIoTHook
+            from defender_servicenow.hooks.servicenow import ServiceNowHook
+
+            if (params or {}).get("dry_run"):
+                return ["dry run: nothing handled"]
+            sources = list((params or {}).get("sources") or []) or SOURCES
+            reports = run_close_loop(RULES, asset_state_store[ALERTS], [s for s in sources if s in SOURCES],
+                                     action=HANDLE_ON_CLOSE, defender_hook=DefenderIoTHook,
+                                     servicenow_hook=ServiceNowHook)
+            if any(r.failures for r in reports):
+                raise AirflowException("Some alerts of closed incidents could not be handled: "
+                                       + "; ".join(f for r in reports for f in r.failures[:5]))
+            return [r.line() for r in reports]
+
+        forwarded >> handle_closed_alerts()
 
 
 defender_alert_forwarding()

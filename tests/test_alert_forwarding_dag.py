@@ -134,3 +134,23 @@ def test_trigger_params_are_checked(monkeypatch, tmp_path, params, error):
     ok = parse({"since": "2025-03-01T12:00:00+02:00", "dry_run": True})
     assert ok["since"].isoformat() == "2025-03-01T10:00:00+00:00" and ok["until"] is None
     assert ok["sources"] == ["defender_iot_default"] and ok["dry_run"] is True
+
+
+def test_closed_loop_handles_alerts_of_closed_incidents(airflow_db, defender_sim_factory, servicenow_conn,
+                                                        monkeypatch, tmp_path):
+    from defender_servicenow.hooks.servicenow import ServiceNowHook
+
+    d = defender_sim_factory(mode="management_console", alerts=0, conn_id="defender_dag_loop")
+    monkeypatch.setenv("DEFENDER_HANDLE_ALERTS_ON_CLOSE", "handle")
+    dag = load_dag(monkeypatch, tmp_path, "defender_dag_loop", [
+        {"name": "dag-loop", "actions": [{"type": "servicenow", "report_type": "incidents"}]}])
+    assert "handle_closed_alerts" in dag.task_ids
+    assert run(dag).state == "success"                      # baseline: watermarks start now
+    alerts = d.sim.add_alerts(2, severity="Major", engine="Anomaly", title="Address Scan Detected")
+    assert run(dag).state == "success"
+    incident = next(i for i in servicenow_conn.sim.table("incident")
+                    if i["correlation_id"].endswith(f":{alerts[0]['id']}"))
+    ServiceNowHook("servicenow_default").update_record("incident", incident["sys_id"], {
+        "state": "7", "close_code": "Solved (Permanently)", "close_notes": "done"})
+    assert run(dag).state == "success"
+    assert [d.sim.alert_by_uuid(a["uuid"])["state"] for a in alerts] == ["handled", "unhandled"]

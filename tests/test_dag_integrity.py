@@ -110,3 +110,27 @@ def test_forwarding_safety_run_rejects_tiny_intervals(monkeypatch):
     bag = DagBag(dag_folder=str(ROOT / "dags" / "defender_alert_forwarding.py"))
     (message,) = bag.import_errors.values()
     assert "DEFENDER_ALERT_SAFETY_RUN_MINUTES" in message
+
+
+@pytest.mark.parametrize(("raw", "has_task"), [(None, False), ("off", False), ("handle", True),
+                                               ("handleAndLearn", True)])
+def test_closed_loop_task_only_when_enabled(monkeypatch, raw, has_task):
+    from airflow.dag_processing.dagbag import DagBag
+
+    if raw is None:
+        monkeypatch.delenv("DEFENDER_HANDLE_ALERTS_ON_CLOSE", raising=False)
+    else:
+        monkeypatch.setenv("DEFENDER_HANDLE_ALERTS_ON_CLOSE", raw)
+    bag = DagBag(dag_folder=str(ROOT / "dags" / "defender_alert_forwarding.py"))
+    assert bag.import_errors == {}
+    dag = bag.dags["defender_alert_forwarding"]
+    assert ("handle_closed_alerts" in dag.task_ids) is has_task
+
+
+def test_closed_loop_setting_is_validated(monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("DEFENDER_HANDLE_ALERTS_ON_CLOSE", "close")
+    bag = DagBag(dag_folder=str(ROOT / "dags" / "defender_alert_forwarding.py"))
+    (message,) = bag.import_errors.values()
+    assert "DEFENDER_HANDLE_ALERTS_ON_CLOSE" in message and "handleAndLearn" in message

@@ -120,7 +120,8 @@ def test_env_example_has_no_real_secrets():
 @pytest.mark.parametrize("settings_var", ["DEFENDER_SOURCES", "DEFENDER_SYNC_FREQUENCY_MINUTES",
                                           "SERVICENOW_CONN_ID", "DEFENDER_FORWARDING_RULES_FILE",
                                           "DEFENDER_ALERT_POLL_SECONDS", "DEFENDER_ALERT_LOOKBACK_MINUTES",
-                                          "DEFENDER_ALERT_SAFETY_RUN_MINUTES", "DEFENDER_RETIRE_AFTER_MISSING_RUNS"])
+                                          "DEFENDER_ALERT_SAFETY_RUN_MINUTES", "DEFENDER_RETIRE_AFTER_MISSING_RUNS",
+                                          "DEFENDER_HANDLE_ALERTS_ON_CLOSE"])
 def test_env_example_defaults_pass_the_settings_validation(settings_var):
     from defender_servicenow import settings
 
@@ -132,7 +133,8 @@ def test_env_example_defaults_pass_the_settings_validation(settings_var):
               "DEFENDER_ALERT_POLL_SECONDS": settings.alert_poll_seconds,
               "DEFENDER_ALERT_LOOKBACK_MINUTES": settings.alert_lookback_minutes,
               "DEFENDER_ALERT_SAFETY_RUN_MINUTES": settings.alert_safety_run_minutes,
-              "DEFENDER_RETIRE_AFTER_MISSING_RUNS": settings.retire_after_missing_runs}[settings_var]
+              "DEFENDER_RETIRE_AFTER_MISSING_RUNS": settings.retire_after_missing_runs,
+              "DEFENDER_HANDLE_ALERTS_ON_CLOSE": settings.handle_alerts_on_close}[settings_var]
     getter(example)  # raises ConfigError on an invalid example value
 
 

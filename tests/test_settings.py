@@ -95,3 +95,15 @@ def test_airflow_api_conn_id_is_optional():
     assert settings.airflow_api_conn_id({"AIRFLOW_API_CONN_ID": "airflow_api"}) == "airflow_api"
     with pytest.raises(ConfigError, match="AIRFLOW_API_CONN_ID"):
         settings.airflow_api_conn_id({"AIRFLOW_API_CONN_ID": "a,b"})
+
+
+@pytest.mark.parametrize(("raw", "expected"), [(None, None), ("off", None), ("handle", "handle"),
+                                               ("HANDLEANDLEARN", "handleAndLearn")])
+def test_handle_alerts_on_close(raw, expected):
+    env = {} if raw is None else {"DEFENDER_HANDLE_ALERTS_ON_CLOSE": raw}
+    assert settings.handle_alerts_on_close(env) == expected
+
+
+def test_handle_alerts_on_close_invalid():
+    with pytest.raises(ConfigError, match="DEFENDER_HANDLE_ALERTS_ON_CLOSE='close': give one of off, handle"):
+        settings.handle_alerts_on_close({"DEFENDER_HANDLE_ALERTS_ON_CLOSE": "close"})

@@ -128,6 +128,19 @@ def airflow_api_conn_id(environ: dict | None = None) -> str | None:
     return ids[0]
 
 
+HANDLE_ON_CLOSE_CHOICES = ("off", "handle", "handleAndLearn")
+
+
+def handle_alerts_on_close(environ: dict | None = None) -> str | None:
+    """``DEFENDER_HANDLE_ALERTS_ON_CLOSE``: ``off`` (default), ``handle`` or ``handleAndLearn``: what to do
+    on the management console with the alert of an incident closed in ServiceNow. None when off."""
+    raw = _env("DEFENDER_HANDLE_ALERTS_ON_CLOSE", environ) or "off"
+    match = {c.lower(): c for c in HANDLE_ON_CLOSE_CHOICES}.get(raw.lower())
+    if match is None:
+        raise ConfigError(f"DEFENDER_HANDLE_ALERTS_ON_CLOSE={raw!r}: give one of {', '.join(HANDLE_ON_CLOSE_CHOICES)}")
+    return None if match == "off" else match
+
+
 def servicenow_conn_id(environ: dict | None = None) -> str:
     """``SERVICENOW_CONN_ID``: the ServiceNow connection the DAGs use unless a rule names another."""
     value = _env("SERVICENOW_CONN_ID", environ) or DEFAULT_SERVICENOW_CONN_ID

@@ -1,0 +1,120 @@
+"""Closed loop (opt-in, ``DEFENDER_HANDLE_ALERTS_ON_CLOSE``): when an incident this integration created is
+resolved or closed in ServiceNow, handle its alert on the Defender for IoT management console.
+
+Per management-console source and incident destination of the rules, one query finds the incidents closed
+since the last scan (``correlation_id`` prefix ``defender-iot:<conn id>:``, closed states, ``sys_updated_on``
+watermark), one request lists the console's unhandled alerts (id -> UUID), and one ``PUT
+/external/v1/alerts/<UUID>`` per alert handles it (``handle`` or ``handleAndLearn``). Alerts no longer
+unhandled are counted as already done, so reruns do nothing twice. Sensors have no API to handle alerts;
+sources of that kind are reported and skipped.
+
+The alert UUID comes from the hook's ``Alert.uuid``: the console's own value when its answer carries one,
+else ``<id>-<time ms>``, the pattern of the documented examples (an inference: defender-api.md §4.2).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from defender_servicenow.exceptions import DefenderError, IntegrationError
+from defender_servicenow.forwarding import CORRELATION_DISPLAY, StateStore, correlation_id
+from defender_servicenow.models import Alert
+from defender_servicenow.rules import RuleSet
+
+log = logging.getLogger(__name__)
+
+# Closed task states per table (servicenow-api.md §6): incident Resolved/Closed, security incident Closed.
+CLOSED_STATES = {"incident": ("6", "7"), "sn_si_incident": ("3",)}
+ACTIONS = ("handle", "handleAndLearn")
+
+
+def scan_key(source: str, connection_id: str, table: str) -> str:
+    """Task-owned: the ``sys_updated_on`` up to which closed incidents were processed."""
+    return f"closed_scan:{source}:{connection_id}:{table}"
+
+
+@dataclass
+class CloseLoopReport:
+    source: str
+    closed: int = 0            # closed incidents found since the last scan
+    handled: int = 0           # alerts handled on the console now
+    already: int = 0           # alerts no longer unhandled (handled in Defender or by an earlier run)
+    failures: list[str] = field(default_factory=list)
+    skipped: str | None = None
+
+    def line(self) -> str:
+        if self.skipped:
+            return f"{self.source}: skipped ({self.skipped})"
+        return (f"{self.source}: {self.closed} closed incidents, {self.handled} alerts handled, "
+                f"{self.already} already handled, {len(self.failures)} failed")
+
+
+def handle_closed_alerts(rules: RuleSet, state: StateStore, sources: Sequence[str], *, action: str,
+                         defender_hook: Callable[[str], Any],
+                         servicenow_hook: Callable[[str], Any]) -> list[CloseLoopReport]:
+    """Handle on the consoles the alerts whose incidents were closed in ServiceNow; one report per source."""
+    if action not in ACTIONS:
+        raise ValueError(f"action must be one of {', '.join(ACTIONS)}")
+    destinations = sorted({(d.connection_id, d.table) for rule in rules.enabled for d in rules.destinations_of(rule)
+                           if d.report_type == "incidents" and d.table in CLOSED_STATES})
+    reports = []
+    for source in sources:
+        report = CloseLoopReport(source)
+        reports.append(report)
+        try:
+            dhook = defender_hook(source)
+            if dhook.appliance != "management_console":
+                report.skipped = "an OT sensor has no API to handle alerts; only a management console has"
+                continue
+            unhandled: dict[int, Alert] | None = None
+            for conn, table in destinations:
+                key = scan_key(source, conn, table)
+                rows = _closed_since(servicenow_hook(conn), table, source, state.get(key))
+                if not rows:
+                    continue
+                report.closed += len(rows)
+                if unhandled is None:   # one listing per run, only when something was closed
+                    unhandled = {a.id: a for a in dhook.get_alerts(state="unhandled") if isinstance(a, Alert)}
+                failed_before = len(report.failures)
+                for row in rows:
+                    _handle_one(dhook, row, unhandled, action, report)
+                if len(report.failures) == failed_before:   # else the next run retries from the same point
+                    state.set(key, max(row.get("sys_updated_on") or "" for row in rows))
+        except (IntegrationError, DefenderError) as exc:
+            report.failures.append(str(exc))
+        log.info("Closed loop %s", report.line())
+        for failure in report.failures[:20]:
+            log.error("Closed loop %s: %s", source, failure)
+    return reports
+
+
+def _closed_since(hook, table: str, source: str, watermark: str | None) -> list[dict]:
+    states = ",".join(CLOSED_STATES[table])
+    query = (f"correlation_idSTARTSWITHdefender-iot:{source}:^correlation_display={CORRELATION_DISPLAY}"
+             f"^stateIN{states}")
+    if watermark:
+        query += f"^sys_updated_on>={watermark}"
+    return hook.query(table, query + "^ORDERBYsys_updated_on",
+                      fields=["number", "correlation_id", "state", "sys_updated_on"])
+
+
+def _handle_one(dhook, row: dict, unhandled: dict[int, Alert], action: str, report: CloseLoopReport) -> None:
+    raw = str(row.get("correlation_id") or "").rsplit(":", 1)[-1]
+    try:
+        alert = unhandled.get(int(raw))
+    except ValueError:
+        report.failures.append(f"{row.get('number')}: correlation_id {row.get('correlation_id')!r} names no alert")
+        return
+    if alert is None or correlation_id(alert) != row.get("correlation_id"):
+        report.already += 1
+        return
+    try:
+        dhook.handle_alert(alert.uuid, action)
+    except DefenderError as exc:
+        report.failures.append(f"{row.get('number')} (alert {alert.id}): {exc}")
+        return
+    report.handled += 1
+    unhandled.pop(alert.id, None)

@@ -1,0 +1,83 @@
+"""Closed loop (opt-in): incidents closed in ServiceNow get their alerts handled on the management console,
+once; sensors are skipped; a console refusing a UUID is reported and retried from the same point."""
+
+from __future__ import annotations
+
+import pytest
+from defender_servicenow.closeloop import handle_closed_alerts, scan_key
+from defender_servicenow.hooks.defender import DefenderIoTHook
+from defender_servicenow.hooks.servicenow import ServiceNowHook
+
+from tests.test_forwarding import DictState, baseline, forwarder, rules_with
+
+CONN = "defender_iot_default"
+
+
+def close(incident: dict, state: str = "7") -> None:
+    ServiceNowHook("servicenow_default").update_record("incident", incident["sys_id"], {
+        "state": state, "close_code": "Solved (Permanently)", "close_notes": "Handled by the OT team"})
+
+
+def run(rules, state, sources=(CONN,), action="handle"):
+    return handle_closed_alerts(rules, state, list(sources), action=action, defender_hook=DefenderIoTHook,
+                                servicenow_hook=ServiceNowHook)
+
+
+@pytest.fixture
+def forwarded(defender_sim_factory, servicenow_conn):
+    """Three alerts forwarded as incidents from a management console."""
+    d = defender_sim_factory(mode="management_console", alerts=0)
+    rules = rules_with({"type": "servicenow", "report_type": "incidents"})
+    state = DictState()
+    baseline(rules, state, [CONN])
+    alerts = d.sim.add_alerts(3, severity="Major", engine="Anomaly", title="Address Scan Detected")
+    (report,) = forwarder(rules, state).run([CONN])
+    assert report.created == 3
+    incidents = {r["correlation_id"].rsplit(":", 1)[1]: r for r in servicenow_conn.sim.table("incident")}
+    return d, servicenow_conn, rules, state, alerts, incidents
+
+
+def test_closed_and_resolved_incidents_handle_their_alerts_once(forwarded):
+    d, sn, rules, state, alerts, incidents = forwarded
+    close(incidents[str(alerts[0]["id"])], "7")
+    close(incidents[str(alerts[1]["id"])], "6")            # resolved counts as done too
+    (report,) = run(rules, state)
+    assert (report.closed, report.handled, report.already, report.failures) == (2, 2, 0, [])
+    states = {a["id"]: d.sim.alert_by_uuid(a["uuid"])["state"] for a in alerts}
+    assert [states[a["id"]] for a in alerts] == ["handled", "handled", "unhandled"]
+    assert state.data[scan_key(CONN, "servicenow_default", "incident")]
+
+    (again,) = run(rules, state)                            # rerun: nothing handled twice
+    assert again.handled == 0 and again.failures == []
+    puts = d.sim.counters()["by_route"]
+    assert sum(n for route, n in puts.items() if route.startswith("PUT")) == 2
+
+
+def test_handle_and_learn_and_alerts_handled_in_defender_meanwhile(forwarded):
+    d, sn, rules, state, alerts, incidents = forwarded
+    d.sim.handle_alert(alerts[2]["uuid"], "handle")         # an analyst handled it in Defender already
+    for a in alerts[1:]:
+        close(incidents[str(a["id"])])
+    (report,) = run(rules, state, action="handleAndLearn")
+    assert (report.handled, report.already) == (1, 1)
+    assert d.sim.alert_by_uuid(alerts[1]["uuid"])["state"] != "unhandled"
+
+
+def test_sensors_are_skipped_and_refusals_are_retried(forwarded, defender_sim_factory):
+    d, sn, rules, state, alerts, incidents = forwarded
+    defender_sim_factory(mode="sensor", conn_id="defender_sensor_x")
+    (sensor,) = run(rules, state, sources=["defender_sensor_x"])
+    assert sensor.skipped and "sensor" in sensor.skipped
+
+    close(incidents[str(alerts[0]["id"])])
+    d.sim.set_faults(fail_next={"count": 1, "status": 500, "path_prefix": "/external/v1/alerts/"})
+    (failed,) = run(rules, state)
+    assert failed.handled == 0 and len(failed.failures) == 1 and "500" in failed.failures[0]
+    assert scan_key(CONN, "servicenow_default", "incident") not in state.data   # watermark not advanced
+    (retried,) = run(rules, state)
+    assert (retried.handled, retried.failures) == (1, [])
+
+
+def test_unknown_action_is_refused():
+    with pytest.raises(ValueError, match="handleAndLearn"):
+        handle_closed_alerts(rules_with(), DictState(), [], action="close", defender_hook=None, servicenow_hook=None)
