@@ -7,6 +7,7 @@ runs it against the Defender and ServiceNow simulators through the real hooks.
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 from defender_servicenow.exceptions import ServiceNowAuthError, ServiceNowUnavailableError
@@ -487,6 +488,9 @@ def test_entries_the_instance_has_no_ire_rule_for_are_dropped_not_fatal(defender
     kv_owners = {r["configuration_item"] for r in sn.sim.table("cmdb_key_value")}
     assert kv_owners <= ot and kv_owners                                 # OT classes keep their attributes
     assert "no IRE related rule for cmdb_key_value" in caplog.text and "CI Class Manager" in caplog.text
+    companies = {c["sys_id"]: c["name"] for c in sn.sim.table("core_company")}
+    assert companies and not [n for n in companies.values() if re.fullmatch(r"[0-9a-f]{32}", n)]  # no junk
+    assert all(companies.get(ci.get("manufacturer"), "x") for ci in written.values() if ci.get("manufacturer"))
     warnings = [r for r in caplog.records if "no IRE" in r.getMessage()]
     assert len(warnings) == len({(r.args[1], r.args[2]) for r in warnings})  # once per (table, class)
     again = sim_engine("defender_sensor_1", store).run()

@@ -162,8 +162,7 @@ class ManufacturerResolver:
 
     def resolve(self, names: Iterable[str]) -> dict[str, str | None]:
         missing = sorted({n for n in names if n and n not in self.cache})
-        for start in range(0, len(missing), self.chunk):
-            part = missing[start:start + self.chunk]
+        for part in self._parts(missing):
             query = "^OR".join("name=" + n.replace("^", "^^") for n in part)
             found: dict[str, str] = {}
             for row in self.servicenow.query("core_company", query, fields=["sys_id", "name"]):
@@ -177,16 +176,34 @@ class ManufacturerResolver:
                 self.cache[name] = sys_id
         return self.cache
 
-    def apply(self, items: list[dict]) -> None:
-        """Replace each item's ``manufacturer`` name by its sys_id (dropped when unknown in a dry run)."""
+    def _parts(self, names: list[str], max_chars: int = 3000) -> Iterable[list[str]]:
+        """Chunks of at most ``chunk`` names whose encoded query stays short (URL limits: 414)."""
+        part: list[str] = []
+        size = 0
+        for name in names:
+            cost = len(name.encode("utf-8")) * 3 + 8   # worst case once percent-encoded, plus "^ORname="
+            if part and (len(part) >= self.chunk or size + cost > max_chars):
+                yield part
+                part, size = [], 0
+            part.append(name)
+            size += cost
+        if part:
+            yield part
+
+    def apply(self, items: list[dict]) -> list[dict]:
+        """The items with each ``manufacturer`` name replaced by its sys_id (dropped when unknown in a dry
+        run). New dicts: the caller's items keep the vendor name (a resent item is resolved again)."""
         cache = self.resolve(i["values"].get("manufacturer") for i in items)
+        out = []
         for item in items:
             name = item["values"].get("manufacturer")
             if name is not None:
+                values = {k: v for k, v in item["values"].items() if k != "manufacturer"}
                 if cache.get(name):
-                    item["values"]["manufacturer"] = cache[name]
-                else:
-                    del item["values"]["manufacturer"]
+                    values["manufacturer"] = cache[name]
+                item = {**item, "values": values}
+            out.append(item)
+        return out
 
 
 # --------------------------------------------------------------------------- summary
@@ -349,7 +366,7 @@ class DeviceSync:
         def submit() -> None:
             batch, self._batch = self._batch, []
             items, pending = [b[0] for b in batch], [b[1] for b in batch]
-            manufacturers.apply(items)
+            items = manufacturers.apply(items)
             summary.would_send += len(items) if self.dry_run else 0
             summary.ire_requests += 1
             kwargs = {"dry_run": True} if self.dry_run else {}   # dry run: the IRE's /query endpoint
