@@ -285,6 +285,37 @@ def test_alerts_delivered_late_are_forwarded_once(defender_sim_factory, servicen
     assert f"defender-iot:defender_iot_default:{too_late[0]['id']}" not in keys  # beyond the look-back: replay
 
 
+def test_a_late_alert_that_failed_holds_the_watermark_until_it_lands(defender_sim_factory, servicenow_conn):
+    """One destination refuses the late alert while newer alerts keep flowing to another: the watermark must
+    not run past the late alert's look-back window, or the alert would never be found again."""
+    d = defender_sim_factory(mode="management_console", alerts=0)
+    sn = servicenow_conn
+    rules = parse_rules({"rules": [
+        {"name": "crit", "minimum_severity": "Critical", "actions": [{"type": "servicenow", "table": "sn_si_incident"}]},
+        {"name": "anom", "engines": ["Anomaly"], "actions": [{"type": "servicenow"}]}]},
+        default_connection_id="servicenow_default")
+    state, src = DictState(), "defender_iot_default"
+    baseline(rules, state, [src])
+    state.data[f"recent:{src}"]["floor_ms"] -= 3_600_000
+    d.sim.add_alerts(2, severity="Major", engine="Anomaly", title="Address Scan Detected")
+    (report,) = forwarder(rules, state).run([src])
+    wm = state.data[f"forwarded_up_to:{src}"]["time_ms"]
+    sn.sim.set_faults(deny_writes=["sn_si_incident"])
+    late = d.sim.add_alerts(1, time=wm - 60_000, severity="Critical", engine="Malware", title=PLC_TITLE)
+    for minutes in (5, 12):   # newer alerts keep going through to the incident table
+        d.sim.add_alerts(1, time=wm + minutes * 60_000, severity="Major", engine="Anomaly",
+                         title="Address Scan Detected")
+        (report,) = forwarder(rules, state, retry_seconds=1).run([src])
+        assert len(report.failures) == 1 and report.failures[0].alert.endswith(f":{late[0]['id']}")
+        assert state.data[f"forwarded_up_to:{src}"]["time_ms"] == wm   # held by the failed late alert
+    assert len(sn.sim.table("incident")) == 4
+    sn.sim.set_faults(deny_writes=[])
+    (report,) = forwarder(rules, state).run([src])
+    assert report.failures == [] and len(sn.sim.table("incident")) == 4            # no duplicates
+    assert [x["correlation_id"] for x in sn.sim.table("sn_si_incident")] == [f"defender-iot:{src}:{late[0]['id']}"]
+    assert state.data[f"forwarded_up_to:{src}"]["time_ms"] == wm + 12 * 60_000
+
+
 def test_late_alert_tracking_is_pure():
     wm = fwd.make_watermark(T0_MS + 1000, [9])
     alerts = [make_alert(id=i, time=T0 + timedelta(milliseconds=ms)) for i, ms in

@@ -129,12 +129,19 @@ def prune_recent(recent: Mapping, handled: Iterable[Alert], watermark: Mapping, 
 
 
 def advance_watermark(watermark: Mapping, alerts: Sequence[Alert], done: set[str]) -> dict:
-    """The watermark after the longest prefix of ``alerts`` (time order) whose keys are all in ``done``."""
+    """The watermark after the longest prefix of ``alerts`` (time order) whose keys are all in ``done``.
+
+    Late alerts (at or before the watermark) do not move it, but one that is not done stops it: the
+    watermark then stays where it is, so the late alert stays inside the look-back window and is retried
+    until ServiceNow confirms it, however many newer alerts go through meanwhile.
+    """
     t, ids = int(watermark["time_ms"]), set(watermark.get("ids") or ())
     for alert in sorted(alerts, key=lambda a: (a.time, a.id)):
         if alert.key not in done:
             break
         ms = datetime_to_ms(alert.time)
+        if ms < t or (ms == t and alert.id in ids):
+            continue
         if ms > t:
             t, ids = ms, set()
         ids.add(alert.id)
@@ -375,7 +382,9 @@ class AlertForwarder:
             valid = [r for r in records if isinstance(r, Alert)]
             alerts = after_watermark(valid, watermark)
             recent = (self.state.get(recent_key(source)) or {}) if not replay else {}
-            late = late_alerts(valid, watermark, recent, self.lookback_ms) if not replay else []
+            new_keys = {a.key for a in alerts}
+            late = [a for a in late_alerts(valid, watermark, recent, self.lookback_ms)
+                    if a.key not in new_keys] if not replay else []
             if late:
                 log.warning("%s: %d alert(s) arrived late (raised before the watermark, ids %s); forwarding them "
                             "now", source, len(late), ", ".join(str(a.id) for a in late[:20]))
@@ -411,8 +420,7 @@ class AlertForwarder:
 
         if not replay and not self.dry_run:
             done = {a.key for a in alerts if not pending.get(a.key)}
-            late_keys = {a.key for a in late}
-            report.watermark = advance_watermark(watermark, [a for a in alerts if a.key not in late_keys], done)
+            report.watermark = advance_watermark(watermark, alerts, done)   # a failed late alert holds it
             if report.watermark != make_watermark(watermark["time_ms"], watermark.get("ids") or ()):
                 self.state.set(watermark_key(source), report.watermark)
             if self.lookback_ms > 0:
