@@ -459,3 +459,20 @@ def test_dag_dry_run_by_default_then_refuses_then_retires(world, airflow_db):
     assert len(ours) == 3 and all(sim.get(i)["install_status"] == "7" for i in ours)
     assert sim.get(_other_ci_id(sim)).get("install_status") != "7"
     assert all(r["state"] != "7" for r in sim.table("incident") if r["correlation_id"] != "defender-iot:sensor1:101")
+
+
+@pytest.mark.parametrize("mode", ["retire", "delete"])
+def test_a_ci_another_of_our_sources_still_reports_is_kept(world, mode):
+    """Two sensors see one device (same MAC: one CI, two of our markers); cleaning only sensor1 must not
+    retire or delete the CI sensor2 still reports -- only sensor1's own marker goes."""
+    sim, hook = world
+    res = hook.identify_reconcile([_device(OURS, "sensor2:44", "plc-1", "00:00:00:00:00:01", "10.0.0.1")],
+                                  "Other Automated")
+    ci = res["items"][0]["sysId"]
+    assert {r["id"] for r in sim.table("sys_object_source") if r["target_sys_id"] == ci} == {"sensor1:1",
+                                                                                             "sensor2:44"}
+    _run(hook, scope="devices", mode=mode, dry_run=False, confirm=hook.instance_host, sources=["sensor1"])
+    kept = sim.get(ci)
+    assert kept is not None and kept.get("install_status") != "7"
+    markers = {r["id"] for r in sim.table("sys_object_source") if r["target_sys_id"] == ci}
+    assert markers == ({"sensor2:44"} if mode == "delete" else {"sensor1:1", "sensor2:44"})

@@ -228,10 +228,12 @@ def find_records(hook, params: CleanupParams, source_name: str | None = None,
         ci_fields = ["sys_id", "name", "sys_class_name", "install_status", "operational_status", "sys_updated_on"]
         found.cis = {ci["sys_id"]: ci for ci in _read_in(hook, "cmdb_ci", "sys_id", targets, ci_fields)
                      if ci.get("sys_id") in targets}
-        others = _read_in(hook, "sys_object_source", "target_sys_id", found.cis, ["target_sys_id", "name"],
-                          f"^name!={source_name}")
-        found.shared = {_ref(r.get("target_sys_id")) for r in others
-                        if r.get("name") != source_name and _ref(r.get("target_sys_id")) in found.cis}
+        # Shared: any other marker on the CI -- another discovery source, or another of our own sources that
+        # this run does not clean (two sensors seeing one device; ``sources`` naming only one of them).
+        selected = {(r.get("name"), r.get("id")) for r in found.source_rows}
+        markers = _read_in(hook, "sys_object_source", "target_sys_id", found.cis, ["target_sys_id", "name", "id"])
+        found.shared = {_ref(r.get("target_sys_id")) for r in markers
+                        if (r.get("name"), r.get("id")) not in selected and _ref(r.get("target_sys_id")) in found.cis}
     if params.alerts:
         if params.mode == "retire":
             found.close_code = pick_close_code(hook)
