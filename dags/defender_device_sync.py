@@ -77,7 +77,9 @@ Identification and Reconciliation Engine (connection `{SERVICENOW_CONN_ID}`). Ru
                   "max_retry_delay": timedelta(minutes=30)},
     params={
         "full_resync": Param(False, type="boolean", title="Full resync",
-                             description="Send every device, ignoring change detection."),
+                             description="Send every device, ignoring change detection, and mark every device "
+                                         "Defender still reports as installed and operational (e.g. after a "
+                                         "clean-up in retire mode)."),
         "dry_run": Param(False, type="boolean", title="Dry run",
                          description="Report what would be sent and retired; write nothing."),
         "sources": Param([], type="array", items={"type": "string"}, title="Sources",

@@ -495,3 +495,22 @@ def test_entries_the_instance_has_no_ire_rule_for_are_dropped_not_fatal(defender
     assert len(warnings) == len({(r.args[1], r.args[2]) for r in warnings})  # once per (table, class)
     again = sim_engine("defender_sensor_1", store).run()
     assert (again.failed, again.inserted, again.updated) == (0, 0, 0)   # stable: nothing resent
+
+
+def test_full_resync_brings_back_cis_a_clean_up_retired(defender_sim_factory, servicenow_conn):
+    """The documented way back after a retire-mode clean-up: full_resync=true."""
+    from defender_servicenow import cleanup
+    from defender_servicenow.hooks.servicenow import ServiceNowHook
+
+    defender_sim_factory(mode="sensor", devices=20, conn_id="defender_sensor_1")
+    sn = servicenow_conn.sim
+    store = MemoryStateStore()
+    sim_engine("defender_sensor_1", store).run()
+    hook = ServiceNowHook("servicenow_default")
+    cleanup.run_cleanup(hook, {"scope": "devices", "mode": "retire", "dry_run": False,
+                               "confirm": hook.instance_host})
+    assert {ci.get("install_status") for ci in cis(sn).values()} == {"7"}
+    assert sim_engine("defender_sensor_1", store).run().updated == 0      # change detection alone: no
+    summary = sim_engine("defender_sensor_1", store, full_resync=True).run()
+    assert summary.failed == 0
+    assert {(ci.get("install_status"), ci.get("operational_status")) for ci in cis(sn).values()} == {("1", "1")}

@@ -443,7 +443,7 @@ class DeviceSync:
         if entry and not revived and not self.full_resync and entry[_D] == digest:
             summary.unchanged += 1
             return None, None
-        if revived:
+        if revived or self.full_resync:   # a full resync also brings back CIs retired outside the sync
             item["values"].update(REVIVED)
         item = self._without_refused_entries(item)   # after the digest: state stays what Defender reports
         pending = _Pending(device_id, digest, item["className"], item=item)
