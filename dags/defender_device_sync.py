@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Asset, AssetAlias, Param, dag, task
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowNotFoundException
 from defender_servicenow import settings
 from defender_servicenow.exceptions import (
     ConfigError,
@@ -122,6 +122,11 @@ def defender_device_sync():
         except NOT_RETRYABLE as exc:
             log.error("Sync of %s failed and will not be retried: %s", source, exc)
             raise AirflowFailException(f"Sync of {source} failed: {exc}") from None
+        except AirflowNotFoundException as exc:
+            message = (f"Sync of {source} failed: {exc}. Create the connection (Admin > Connections, an "
+                       "AIRFLOW_CONN_<ID> variable or the secrets backend) or remove it from DEFENDER_SOURCES")
+            log.error(message)
+            raise AirflowFailException(message) from None
         except IntegrationError as exc:
             log.error("Sync of %s failed (the task is retried with backoff): %s", source, exc)
             raise AirflowException(f"Sync of {source} failed: {exc}") from None

@@ -196,3 +196,16 @@ def test_unknown_source_param_fails_plainly(airflow_db, monkeypatch, defender_si
     out, err = capfd.readouterr()
     assert "Unknown source(s) 'dagtest_sensor_9' in the 'sources' param" in out + err
     assert cis(servicenow_conn.sim, "dagtest_sensor_1") == {}
+
+
+@pytest.mark.airflow_db
+def test_a_source_without_connection_fails_plainly_and_others_sync(airflow_db, monkeypatch, defender_sim_factory,
+                                                                    servicenow_conn, capfd):
+    defender_sim_factory(mode="sensor", devices=5, conn_id="dagtest_sensor_1")
+    monkeypatch.setenv("DEFENDER_SOURCES", "dagtest_sensor_1,dagtest_no_such_conn")
+    dagrun = run_dag()
+    states = task_states(dagrun)
+    assert states["sync_source[0]"] == "success" and states["sync_source[1]"] == "failed"
+    out, err = capfd.readouterr()
+    assert "Sync of dagtest_no_such_conn failed" in out + err and "remove it from DEFENDER_SOURCES" in out + err
+    assert len(cis(servicenow_conn.sim, "dagtest_sensor_1")) >= 4

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow.sdk.exceptions import AirflowNotFoundException
+
 from defender_servicenow.exceptions import DefenderError, IntegrationError
 from defender_servicenow.forwarding import CORRELATION_DISPLAY, StateStore, correlation_id
 from defender_servicenow.models import Alert
@@ -83,7 +85,7 @@ def handle_closed_alerts(rules: RuleSet, state: StateStore, sources: Sequence[st
                     _handle_one(dhook, row, unhandled, action, report)
                 if len(report.failures) == failed_before:   # else the next run retries from the same point
                     state.set(key, max(row.get("sys_updated_on") or "" for row in rows))
-        except (IntegrationError, DefenderError) as exc:
+        except (IntegrationError, DefenderError, AirflowNotFoundException) as exc:
             report.failures.append(str(exc))
         log.info("Closed loop %s", report.line())
         for failure in report.failures[:20]:
