@@ -370,3 +370,19 @@ def test_connection_field_errors(monkeypatch):
         with pytest.raises(ConfigError, match=message):
             DefenderIoTHook(conn_id.lower()).get_conn()
     assert DefenderIoTHook("never_looked_up").defender_conn_id == "never_looked_up"  # lazy
+
+
+def test_console_capping_the_page_size_still_yields_the_whole_inventory(defender_sim_factory):
+    """A console may return fewer devices per v3 page than asked for: paging follows u_count, not page size."""
+    sim = defender_sim_factory(mode="management_console", devices=250, conn_id="def_capped")
+    hook = _fast("def_capped", page_size=1000)
+    real = hook._json
+
+    def capped(method, path, params=None, **kw):
+        if "/v3/integration/devices/" in path:
+            params = {**(params or {}), "size": 40}   # the console answers 40 per page whatever we ask
+        return real(method, path, params=params, **kw)
+
+    hook._json = capped
+    devices, invalid = _split(list(hook.iter_devices()))
+    assert len(devices) + len(invalid) == sim.sim.device_count() == 250

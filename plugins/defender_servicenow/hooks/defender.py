@@ -395,7 +395,12 @@ class DefenderIoTHook(BaseHook):
             yield from items
             read += len(items)
             page += 1
-            if not items or len(items) < self.page_size or (isinstance(total, int) and read >= total):
+            if not items:
+                return
+            if isinstance(total, int):   # a console may cap the page size below ours: trust u_count
+                if read >= total:
+                    return
+            elif len(items) < self.page_size:
                 return
 
     def iter_devices_changed_since(self, ts: datetime) -> Iterator[Device | InvalidRecord]:
