@@ -421,3 +421,27 @@ def test_rejected_credentials_are_not_retried_and_lose_nothing(defender_sim_fact
     assert report.created == 2 and not report.credentials_rejected
     assert sorted(r["correlation_id"] for r in sn.sim.table("incident")) == sorted(
         f"defender-iot:defender_iot_default:{a['id']}" for a in new)
+
+
+def test_a_missing_table_does_not_hold_up_the_other_destinations(defender_sim_factory, servicenow_sim_factory,
+                                                                  monkeypatch):
+    """An instance without the Security Incident Response plugin: the sn_si_incident action fails plainly,
+    the incident action on the same instance still goes through, and the alerts are retried later."""
+    from include.simulators.servicenow_sim import SIM_PASSWORD, SIM_USER
+
+    d = defender_sim_factory(mode="sensor", alerts=0)
+    sn = servicenow_sim_factory(absent_tables=("sn_si_incident",))
+    monkeypatch.setenv("AIRFLOW_CONN_SERVICENOW_DEFAULT", json.dumps(
+        {"conn_type": "servicenow", "host": sn.url, "login": SIM_USER, "password": SIM_PASSWORD}))
+    rules = rules_with({"type": "servicenow"}, {"type": "servicenow", "table": "sn_si_incident"})
+    state = DictState()
+    baseline(rules, state, ["defender_iot_default"])
+    wm0 = state.data["forwarded_up_to:defender_iot_default"]
+    d.sim.add_alerts(3, severity="Major", engine="Anomaly", title="Address Scan Detected")
+    engine = forwarder(rules, state, retry_seconds=1)
+    engine.chunk_size = 2                                              # two chunks: the failure comes first
+    (report,) = engine.run(["defender_iot_default"])
+    assert report.created == 3 and len(sn.sim.table("incident")) == 3
+    assert len(report.failures) == 3 and all(f.destination.table == "sn_si_incident" for f in report.failures)
+    assert "table" in report.failures[0].answer.lower()
+    assert state.data["forwarded_up_to:defender_iot_default"] == wm0   # retried later, nothing lost

@@ -502,6 +502,7 @@ class AlertForwarder:
     def _forward_to(self, conn: str, contexts: list[AlertContext], targets: Mapping[str, set[Destination]],
                     pending: dict[str, set[Destination]], report: SourceReport) -> None:
         dests = sorted({d for c in contexts for d in targets[c.alert.key] if d.connection_id == conn})
+        broken: dict[Destination, str] = {}   # a destination that failed (e.g. no such table) is not retried
         try:
             hook = self._sn(conn)
             for chunk in _chunks(contexts, self.chunk_size):
@@ -509,18 +510,24 @@ class AlertForwarder:
                 chunk = [self._enrich(c, cis) for c in chunk]
                 for dest in dests:
                     items = [c for c in chunk if dest in targets[c.alert.key]]
-                    if items:
+                    if not items or dest in broken:
+                        continue
+                    try:
                         self._write(hook, dest, items, pending, report)
+                    except ServiceNowError as exc:   # one bad table must not hold up the others
+                        if isinstance(exc, ServiceNowAuthError):
+                            raise
+                        broken[dest] = _answer(exc)
+                        log.error("ServiceNow connection %s, table %s failed: %s", conn, dest.table, broken[dest])
         except (ServiceNowError, AirflowNotFoundException) as exc:
             report.credentials_rejected |= isinstance(exc, ServiceNowAuthError)
-            answer = str(exc)
-            if getattr(exc, "answer", None) and exc.answer not in answer:
-                answer += f" (ServiceNow answered: {exc.answer})"
+            answer = _answer(exc)
             log.error("ServiceNow connection %s failed: %s", conn, answer)
-            for c in contexts:
-                for dest in sorted(pending.get(c.alert.key, ())):
-                    if dest.connection_id == conn:
-                        report.failures.append(Failure(c.alert.key, dest, answer))
+            broken.update({dest: answer for dest in dests if dest not in broken})
+        for c in contexts:
+            for dest in sorted(pending.get(c.alert.key, ())):
+                if dest in broken:
+                    report.failures.append(Failure(c.alert.key, dest, broken[dest]))
 
     def _write(self, hook, dest: Destination, items: Sequence[AlertContext],
                pending: dict[str, set[Destination]], report: SourceReport) -> None:
@@ -573,6 +580,13 @@ class AlertForwarder:
                       dest.connection_id, ", ".join(ids), answer)
         if r.watermark:
             log.info("%s: forwarded up to %s", r.source, ms_to_datetime(r.watermark["time_ms"]).isoformat())
+
+
+def _answer(exc: Exception) -> str:
+    answer = str(exc)
+    if getattr(exc, "answer", None) and exc.answer not in answer:
+        answer += f" (ServiceNow answered: {exc.answer})"
+    return answer
 
 
 def raise_if_incomplete(reports: Sequence[SourceReport]) -> None:
