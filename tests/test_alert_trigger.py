@@ -77,6 +77,7 @@ async def test_first_start_watches_from_now_then_emits_new_alerts_only(defender_
     await asyncio.sleep(0.5)
     assert not pending.done(), "existing alerts must not wake the DAG"
     assert store.data["seen:defender_trig"]["time_ms"] > 0 and "rule_first_seen:r1" in store.data
+    assert store.data["watch_start:defender_trig"] == store.data["seen:defender_trig"]["time_ms"]
     first_seen = store.data["rule_first_seen:r1"]
 
     new = await asyncio.to_thread(sim.sim.add_alerts, 3)

@@ -316,6 +316,23 @@ def test_a_late_alert_that_failed_holds_the_watermark_until_it_lands(defender_si
     assert state.data[f"forwarded_up_to:{src}"]["time_ms"] == wm + 12 * 60_000
 
 
+def test_a_source_added_later_starts_when_it_was_first_watched(defender_sim_factory, servicenow_conn):
+    """Rules that exist for months must not flood ServiceNow with a newly added sensor's backlog."""
+    d = defender_sim_factory(mode="sensor", alerts=0)
+    old = d.sim.add_alerts(2, severity="Major", engine="Anomaly", title="Address Scan Detected")
+    rules = rules_with()
+    rule_since = datetime.fromtimestamp(min(a["time"] for a in old) / 1000 - 3600, timezone.utc)
+    watched_ms = max(a["time"] for a in old) + 1
+    state = DictState({"rule_first_seen:all": rule_since.isoformat(),
+                       "watch_start:defender_iot_default": watched_ms})   # what the trigger records
+    new = d.sim.add_alerts(1, time=watched_ms + 1000, severity="Major", engine="Anomaly",
+                           title="Address Scan Detected")
+    (report,) = forwarder(rules, state).run(["defender_iot_default"])
+    assert report.created == 1
+    assert [r["correlation_id"] for r in servicenow_conn.sim.table("incident")] == [
+        f"defender-iot:defender_iot_default:{new[0]['id']}"]
+
+
 def test_late_alert_tracking_is_pure():
     wm = fwd.make_watermark(T0_MS + 1000, [9])
     alerts = [make_alert(id=i, time=T0 + timedelta(milliseconds=ms)) for i, ms in

@@ -61,6 +61,11 @@ def recent_key(source: str) -> str:
     return f"recent:{source}"
 
 
+def watch_start_key(source: str) -> str:
+    """Trigger-owned: when the alert trigger started watching a source (epoch ms); written once."""
+    return f"watch_start:{source}"
+
+
 def seen_key(source: str) -> str:
     """Trigger-owned: the newest alert the trigger has seen for a source."""
     return f"seen:{source}"
@@ -438,8 +443,12 @@ class AlertForwarder:
             return current
         # First run for this source: nothing before the earliest rule can match (rules only apply to
         # alerts raised after they exist); without any first-seen record, start from now.
+        # A source added later starts when the trigger began watching it, not with the rules' history.
         known = [t for t in first_seen.values() if t is not None]
         start = min(known) if known else self.clock()
+        watched = self.state.get(watch_start_key(source))
+        if isinstance(watched, int) and watched > datetime_to_ms(start):
+            start = ms_to_datetime(watched)
         watermark = make_watermark(datetime_to_ms(start))
         log.info("%s: no forwarding watermark yet; starting from %s (earlier alerts are not replayed; use the "
                  "since/until params for that)", source, start.isoformat())

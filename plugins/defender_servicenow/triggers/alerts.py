@@ -28,7 +28,7 @@ import httpx
 from airflow.sdk.log import mask_secret
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
-from defender_servicenow.forwarding import rule_first_seen_key, seen_key
+from defender_servicenow.forwarding import rule_first_seen_key, seen_key, watch_start_key
 
 CLASSPATH = "defender_servicenow.triggers.alerts.DefenderAlertTrigger"
 MAX_BACKOFF_SECONDS = 300.0
@@ -151,6 +151,8 @@ class DefenderAlertTrigger(BaseEventTrigger):
             if not wm:
                 wm = {"time_ms": _now_ms(), "ids": []}
                 await store.aset(seen_key(conn_id), wm)
+                if await store.aget(watch_start_key(conn_id)) is None:
+                    await store.aset(watch_start_key(conn_id), wm["time_ms"])
                 self.log.info("%s: no alert watermark yet; watching alerts raised from now on", conn_id)
             watermarks[conn_id] = dict(wm)  # our copy: new_alerts() may note max_id in it
         clients: dict[str, tuple[httpx.AsyncClient, str]] = {}
