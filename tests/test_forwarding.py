@@ -118,6 +118,16 @@ def test_advance_watermark_stops_at_the_first_unconfirmed_alert():
     assert fwd.advance_watermark(wm, alerts, set(keys.values())) == fwd.make_watermark(T0_MS + 9, [4])
 
 
+def test_an_alert_stamped_in_the_future_does_not_move_the_watermark():
+    """An appliance whose clock runs ahead must not push the watermark past correctly stamped alerts."""
+    wm = fwd.make_watermark(T0_MS)
+    alerts = [make_alert(id=1, time=T0 + timedelta(seconds=5)), make_alert(id=2, time=T0 + timedelta(hours=2))]
+    done = {a.key for a in alerts}
+    assert fwd.advance_watermark(wm, alerts, done) == fwd.make_watermark(T0_MS + 7_200_000, [2])
+    ceiling = T0_MS + 60_000
+    assert fwd.advance_watermark(wm, alerts, done, ceiling_ms=ceiling) == fwd.make_watermark(T0_MS + 5_000, [1])
+
+
 def test_in_queries_split_long_lists():
     values = [f"defender-iot:defender_iot_default:{i}" for i in range(400)]
     queries = list(fwd.in_queries("correlation_id", values, max_chars=2000))
@@ -285,9 +295,11 @@ def test_alerts_delivered_late_are_forwarded_once(defender_sim_factory, servicen
     assert f"defender-iot:defender_iot_default:{too_late[0]['id']}" not in keys  # beyond the look-back: replay
 
 
-def test_a_late_alert_that_failed_holds_the_watermark_until_it_lands(defender_sim_factory, servicenow_conn):
+def test_a_late_alert_that_failed_holds_the_watermark_until_it_lands(defender_sim_factory, servicenow_conn,
+                                                                      monkeypatch):
     """One destination refuses the late alert while newer alerts keep flowing to another: the watermark must
     not run past the late alert's look-back window, or the alert would never be found again."""
+    monkeypatch.setattr(fwd, "FUTURE_MARGIN_MS", 3_600_000)   # this test stamps alerts up to 12 min ahead
     d = defender_sim_factory(mode="management_console", alerts=0)
     sn = servicenow_conn
     rules = parse_rules({"rules": [

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 CORRELATION_DISPLAY = "Microsoft Defender for IoT"
 TEMPLATES_DIR = settings.PROJECT_ROOT / "include" / "templates"
 CHUNK_SIZE = 100  # alerts per lookup query and per Batch API call
+FUTURE_MARGIN_MS = 10 * 60_000  # alerts stamped later than now + this do not move the watermark (clock skew)
 SERVICENOW_MAX_RETRY_SECONDS = 120.0  # per call; the task's own retries cover longer outages
 
 
@@ -133,18 +134,22 @@ def prune_recent(recent: Mapping, handled: Iterable[Alert], watermark: Mapping, 
     return {"floor_ms": floor, "ids": {k: v for k, v in merged.items() if t - lookback_ms <= v <= t}}
 
 
-def advance_watermark(watermark: Mapping, alerts: Sequence[Alert], done: set[str]) -> dict:
+def advance_watermark(watermark: Mapping, alerts: Sequence[Alert], done: set[str],
+                      ceiling_ms: int | None = None) -> dict:
     """The watermark after the longest prefix of ``alerts`` (time order) whose keys are all in ``done``.
 
     Late alerts (at or before the watermark) do not move it, but one that is not done stops it: the
     watermark then stays where it is, so the late alert stays inside the look-back window and is retried
     until ServiceNow confirms it, however many newer alerts go through meanwhile.
+
+    ``ceiling_ms`` (now plus a margin): an alert stamped later than that (an appliance whose clock is ahead)
+    does not move the watermark, which would otherwise skip correctly stamped alerts that arrive after it.
     """
     t, ids = int(watermark["time_ms"]), set(watermark.get("ids") or ())
     for alert in sorted(alerts, key=lambda a: (a.time, a.id)):
-        if alert.key not in done:
-            break
         ms = datetime_to_ms(alert.time)
+        if alert.key not in done or (ceiling_ms is not None and ms > ceiling_ms):
+            break
         if ms < t or (ms == t and alert.id in ids):
             continue
         if ms > t:
@@ -425,7 +430,14 @@ class AlertForwarder:
 
         if not replay and not self.dry_run:
             done = {a.key for a in alerts if not pending.get(a.key)}
-            report.watermark = advance_watermark(watermark, alerts, done)   # a failed late alert holds it
+            ceiling = datetime_to_ms(self.clock()) + FUTURE_MARGIN_MS
+            ahead = [a for a in alerts if datetime_to_ms(a.time) > ceiling]
+            if ahead:
+                log.warning("%s: %d alert(s) are stamped more than %d minutes in the future (ids %s): check the "
+                            "appliance's clock; they are forwarded, but the watermark waits for real time",
+                            source, len(ahead), FUTURE_MARGIN_MS // 60_000, ", ".join(str(a.id) for a in ahead[:20]))
+            # a failed late alert, or one stamped in the future, holds the watermark
+            report.watermark = advance_watermark(watermark, alerts, done, ceiling_ms=ceiling)
             if report.watermark != make_watermark(watermark["time_ms"], watermark.get("ids") or ()):
                 self.state.set(watermark_key(source), report.watermark)
             if self.lookback_ms > 0:
