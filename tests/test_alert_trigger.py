@@ -132,6 +132,19 @@ async def test_missing_connection_is_logged_and_polling_goes_on(defender_sim_fac
     assert good.sim.counters()["requests"] >= 1
 
 
+async def test_a_bad_connection_setting_is_reported_as_such(defender_sim_factory, monkeypatch, capfd):
+    good = defender_sim_factory(mode="sensor", alerts=1, conn_id="defender_ok2")
+    conn = json.loads(__import__("os").environ["AIRFLOW_CONN_DEFENDER_OK2"])
+    monkeypatch.setenv("AIRFLOW_CONN_DEFENDER_BADTIMEOUT", json.dumps({**conn, "extra": {"timeout": "soon"}}))
+    store = FakeAssetStateStore({"seen:defender_ok2": {"time_ms": 1, "ids": []},
+                                 "seen:defender_badtimeout": {"time_ms": 1, "ids": []}})
+    event = await next_event(make_trigger(["defender_badtimeout", "defender_ok2"], store))
+    assert list(event.payload["sources"]) == ["defender_ok2"]
+    out = "".join(capfd.readouterr())
+    assert "connection settings: connection 'defender_badtimeout': extra 'timeout' must be a number" in out
+    assert good.token not in out
+
+
 async def test_an_alert_delivered_late_wakes_the_dag(defender_sim_factory):
     """A sensor reconnecting to its management console delivers alerts with old times but new ids."""
     sim = defender_sim_factory(mode="management_console", alerts=3, conn_id="defender_late")

@@ -28,6 +28,7 @@ import httpx
 from airflow.sdk.log import mask_secret
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
+from defender_servicenow.exceptions import ConfigError
 from defender_servicenow.forwarding import rule_first_seen_key, seen_key, watch_start_key
 
 CLASSPATH = "defender_servicenow.triggers.alerts.DefenderAlertTrigger"
@@ -104,7 +105,12 @@ class DefenderAlertTrigger(BaseEventTrigger):
         extra = conn.extra_dejson or {}
         host = (conn.host or "").strip().rstrip("/")
         if not host or not conn.password:
-            raise ValueError(f"connection {conn_id!r} needs a host and an API token (password)")
+            raise ConfigError(f"connection {conn_id!r} needs a host and an API token (password)")
+        try:
+            timeout = float(extra.get("timeout") or 30)
+        except (TypeError, ValueError):
+            raise ConfigError(f"connection {conn_id!r}: extra 'timeout' must be a number of seconds, "
+                              f"not {extra.get('timeout')!r}") from None
         if "://" not in host:
             host = f"https://{host}{f':{conn.port}' if conn.port else ''}"
         mask_secret(conn.password)
@@ -116,7 +122,7 @@ class DefenderAlertTrigger(BaseEventTrigger):
         client = httpx.AsyncClient(base_url=host, headers={"Authorization": conn.password, "Accept":
                                                            "application/json"},
                                    verify=verify, proxy=extra.get("proxy") or None,
-                                   timeout=float(extra.get("timeout") or 30), follow_redirects=False)
+                                   timeout=timeout, follow_redirects=False)
         return client, path
 
     # ------------------------------------------------------------------ run
@@ -199,6 +205,8 @@ class DefenderAlertTrigger(BaseEventTrigger):
 
 def _describe(exc: Exception) -> str:
     """A secret-free description: the exception type and status, never headers or bodies."""
+    if isinstance(exc, ConfigError):
+        return f"connection settings: {exc} (fix the connection; polling retries with back-off)"
     if isinstance(exc, httpx.HTTPStatusError):
         return f"HTTP {exc.response.status_code} from {exc.request.url.path}"
     if isinstance(exc, httpx.HTTPError):
