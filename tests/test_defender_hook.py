@@ -386,3 +386,27 @@ def test_console_capping_the_page_size_still_yields_the_whole_inventory(defender
     hook._json = capped
     devices, invalid = _split(list(hook.iter_devices()))
     assert len(devices) + len(invalid) == sim.sim.device_count() == 250
+
+
+def test_token_with_stray_whitespace_works_and_control_characters_are_refused(defender_sim_factory, monkeypatch,
+                                                                               caplog):
+    """Tokens from files or secrets backends often end with a newline: it is stripped. A line break inside
+    the token is refused plainly, and the token never appears in the error."""
+    sim = defender_sim_factory(mode="sensor", devices=5, conn_id="def_ws")
+    _set_conn(monkeypatch, "def_ws_nl", "def_ws", password=sim.token + "\n")
+    devices, _ = _split(list(_fast("def_ws_nl").iter_devices()))
+    assert len(devices) >= 4
+    _set_conn(monkeypatch, "def_ws_bad", "def_ws", password=sim.token[:10] + "\n" + sim.token[10:])
+    with pytest.raises(ConfigError, match="control characters") as err:
+        list(_fast("def_ws_bad").iter_devices())
+    assert sim.token[:10] not in str(err.value) and sim.token[10:] not in str(err.value)
+    ok, message = _fast("def_ws_bad").test_connection()
+    assert ok is False and "control characters" in message
+
+
+def test_connection_port_is_used_with_a_scheme_in_the_host(defender_sim_factory, monkeypatch):
+    sim = defender_sim_factory(mode="sensor", devices=3, conn_id="def_port")
+    url = sim.url.rsplit(":", 1)[0]                      # http://127.0.0.1 without the port
+    _set_conn(monkeypatch, "def_port_split", "def_port", host=url, port=int(sim.url.rsplit(":", 1)[1]))
+    assert _fast("def_port_split").base_url == sim.url
+    assert _split(list(_fast("def_port_split").iter_devices()))[0]

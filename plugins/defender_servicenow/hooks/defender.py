@@ -176,9 +176,19 @@ class DefenderIoTHook(BaseHook):
         if not host:
             raise ConfigError(f"Connection {cid!r} has no host; set it to the appliance URL, e.g. https://10.1.0.2")
         if "://" not in host:
-            host = f"https://{host}{f':{conn.port}' if conn.port else ''}"
-        if not conn.password:
+            host = f"https://{host}"
+        if conn.port and urlsplit(host).port is None:
+            parts = urlsplit(host)
+            host = f"{parts.scheme}://{parts.hostname}:{conn.port}{parts.path}".rstrip("/")
+        token = (conn.password or "").strip()   # a token pasted or stored with a trailing newline
+        if not token:
             raise ConfigError(f"Connection {cid!r} has no API access token in its password field; {_TOKEN_HELP}")
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in token):
+            raise ConfigError(f"Connection {cid!r}: the API access token contains control characters (e.g. a line "
+                              f"break in the middle); paste it again. {_TOKEN_HELP}")
+        from airflow.sdk.log import mask_secret
+
+        mask_secret(token)
         appliance = (extra.get("appliance") or SENSOR).strip().lower()
         if appliance not in APPLIANCES:
             raise ConfigError(f"Connection {cid!r}: extra 'appliance' is {appliance!r}; "
@@ -188,7 +198,7 @@ class DefenderIoTHook(BaseHook):
         except ValueError as exc:
             raise ConfigError(f"Connection {cid!r}: {exc} (seconds per request, default 30)") from None
         return {
-            "base_url": host, "token": conn.password, "appliance": appliance,
+            "base_url": host, "token": token, "appliance": appliance,
             "name": (extra.get("name") or "").strip() or (urlsplit(host).hostname or host),
             "verify": _parse_verify(extra.get("verify"), cid), "proxy": extra.get("proxy") or None,
             "timeout": timeout,
@@ -248,6 +258,12 @@ class DefenderIoTHook(BaseHook):
                 f"Could not reach the Defender for IoT appliance at {settings['base_url']} after "
                 f"{self.retries} retries ({type(exc).__name__}); check the connection host, that the appliance "
                 f"is up and reachable from Airflow, and the proxy/timeout extras."
+            ) from None
+        except requests.exceptions.RequestException as exc:   # e.g. the answer was cut off part way
+            raise DefenderUnreachableError(
+                f"The connection to the Defender for IoT appliance at {settings['base_url']} broke during "
+                f"{method} {path} ({type(exc).__name__}); the next run tries again. If it persists, check the "
+                f"network path and proxy between Airflow and the appliance."
             ) from None
         self._check_status(response, path)
         return response

@@ -276,6 +276,10 @@ class ServiceNowHook(BaseHook):
                 f"{method} {path} on {self.base_url} failed after retries ({type(exc).__name__}): the instance "
                 f"is unreachable or too slow (timeout {self.settings.timeout:g} s). Check the host, network "
                 "and proxy, then run the task again") from None
+        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
+            raise ServiceNowUnavailableError(
+                f"{method} {path} on {self.base_url}: the answer was cut off part way ({type(exc).__name__}); "
+                "the instance or a proxy dropped the connection. Run the task again") from None
         except OSError as exc:  # e.g. the CA bundle named by verify does not exist
             raise ServiceNowError(f"{method} {path} could not be sent: {exc}. Check the connection extras "
                                   "verify (a CA bundle path must exist on the worker) and proxy") from None
@@ -529,13 +533,16 @@ class ServiceNowHook(BaseHook):
                 if not isinstance(served, list):
                     raise ServiceNowBadResponseError(f"POST {BATCH_PATH}: the answer has no serviced_requests",
                                                      answer=self._excerpt(resp.text))
+                before = len(pending)
                 for item in served:
                     rid = str(item.get("id"))
                     if rid in pending:
                         done[rid] = _batch_response(item)
                         del pending[rid]
                 if pending:
-                    stalled = 0 if served else stalled + 1
+                    # Progress is fewer pending requests, not merely some answer: serviced items with ids we
+                    # did not send must not make us resubmit (and so repeat) the same creates forever.
+                    stalled = 0 if len(pending) < before else stalled + 1
                     self.log.info("Batch API left %d of %d requests unserviced; resubmitting them",
                                   len(pending), len(pending) + len(served))
                     if stalled >= max_rounds:
