@@ -10,7 +10,11 @@ import socket
 import threading
 
 import pytest
-from defender_servicenow.exceptions import DefenderUnreachableError, ServiceNowError, ServiceNowUnavailableError
+from defender_servicenow.exceptions import (
+    DefenderUnreachableError,
+    ServiceNowError,
+    ServiceNowUnavailableError,
+)
 from defender_servicenow.hooks.defender import DefenderIoTHook
 from defender_servicenow.hooks.servicenow import BatchRequest, ServiceNowHook
 
