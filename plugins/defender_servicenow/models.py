@@ -253,28 +253,24 @@ def _require_id(record: Any, key: str) -> int:
         raise ValueError(f"{key!r} is not an integer") from None
 
 
-def _macs(values: Any, issues: list[str]) -> list[str]:
+def _normalized(values: Any, normalize, what: str, issues: list[str]) -> list[str]:
+    """Distinct normalised values in input order; each invalid one is dropped with a note in ``issues``."""
     out: list[str] = []
-    for raw in values or []:
-        mac = normalize_mac(raw)
-        if mac is None:
-            issues.append(f"dropped invalid MAC address {str(raw)[:40]!r}")
-        elif mac not in out:
-            out.append(mac)
+    for raw in [values] if isinstance(values, str) else values or []:
+        value = normalize(raw)
+        if value is None:
+            issues.append(f"dropped invalid {what} {str(raw)[:60]!r}")
+        elif value not in out:
+            out.append(value)
     return out
+
+
+def _macs(values: Any, issues: list[str]) -> list[str]:
+    return _normalized(values, normalize_mac, "MAC address", issues)
 
 
 def _ips(values: Any, issues: list[str]) -> list[str]:
-    out: list[str] = []
-    if isinstance(values, str):
-        values = [values]
-    for raw in values or []:
-        ip = normalize_ip(raw)
-        if ip is None:
-            issues.append(f"dropped invalid IP address {str(raw)[:60]!r}")
-        elif ip not in out:
-            out.append(ip)
-    return out
+    return _normalized(values, normalize_ip, "IP address", issues)
 
 
 def _protocols(values: Any) -> list[str]:
