@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast test-distributed lint bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -ra
 
+# CeleryExecutor on real Postgres and Redis (Debian packages postgresql, redis-server; .ci/run installs them).
+test-distributed: install
+	$(BIN)/python -m pytest -q -ra -m distributed
+
 test-fast: install
-	$(BIN)/python -m pytest -q -ra -m "not live"
+	$(BIN)/python -m pytest -q -ra -m "not live and not distributed"
 
 lint: install
 	$(BIN)/ruff check .

@@ -13,6 +13,13 @@ db migrate`` and ``api-server``, ``scheduler --skip-serve-logs``, ``dag-processo
 variables pointing at the simulators; the admin password (SimpleAuthManager) is generated and written
 to ``<home>/passwords.json``. ``stop()`` ends every process group it started (SIGTERM, bounded wait,
 then SIGKILL), including task processes that moved to their own group.
+
+The distributed engine (tests/test_distributed.py) uses the same class with other options: ``executor=
+"CeleryExecutor"``, ``sql_alchemy_conn`` (Postgres), ``celery_broker_url`` (Redis) and
+``celery_result_backend``, ``triggerers=2``, ``celery_workers=("worker-a", "worker-b")`` (each ``airflow
+celery worker -H <name>``; its task instances report ``<name>`` as their hostname through ``[core]
+hostname_callable``, since every process here shares one machine's hostname) and ``sources`` (one
+Defender simulator per source, e.g. two sensors and a console).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from pathlib import Path
 
 import requests
 import yaml
+
+from scripts.services import Managed
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -58,6 +67,17 @@ class StackError(RuntimeError):
     """The stack could not start or did not reach the expected state in time."""
 
 
+@dataclass(frozen=True)
+class SourceSpec:
+    """One Defender simulator and the connection pointing at it."""
+    conn_id: str
+    mode: str = "management_console"          # "sensor" | "management_console"
+    devices: int = 150
+    sensors: int = 2                          # management console only: sensors behind it
+    seed: int = 1
+    name: str = "demo-management-console"
+
+
 @dataclass
 class StackOptions:
     home: Path                                # AIRFLOW_HOME (wiped at start unless reuse=True)
@@ -70,6 +90,17 @@ class StackOptions:
     reuse: bool = False                       # keep the metadata DB of an earlier run
     extra_env: dict[str, str] = field(default_factory=dict)
     startup_timeout: float = 300.0
+    # Distributed engine (defaults: the embedded LocalExecutor on SQLite, one triggerer, one console).
+    executor: str = "LocalExecutor"
+    sql_alchemy_conn: str | None = None       # None: SQLite in home
+    celery_broker_url: str | None = None
+    celery_result_backend: str | None = None
+    celery_workers: tuple[str, ...] = ()      # worker names, one `airflow celery worker -H <name>` each
+    worker_concurrency: int = 1
+    triggerers: int = 1
+    sources: tuple[SourceSpec, ...] | None = None  # None: one console (devices, sensors, seed above)
+    servicenow_args: tuple[str, ...] = ()     # extra servicenow_sim arguments, e.g. ("--ire-item-ms", "300")
+    local_settings: str = ""                  # text of <home>/config/airflow_local_settings.py (cluster policies)
 
 
 @dataclass
@@ -79,7 +110,7 @@ class _Proc:
     marker: str  # a word in its command line (checked before killing a stale process from an earlier run)
 
 
-class Stack:
+class Stack(Managed):
     def __init__(self, options: StackOptions):
         self.options = options
         self.home = options.home.resolve()
@@ -87,22 +118,15 @@ class Stack:
         self.procs: list[_Proc] = []
         self.password = ""
         self.api_url = self.sn_url = self.defender_url = ""
+        self.defender_urls: dict[str, str] = {}
+        o = options
+        self.sources = o.sources or (SourceSpec(DEFENDER_CONN_ID, "management_console", o.devices, o.sensors,
+                                                o.seed),)
         self.env: dict[str, str] = {}
         self._http = requests.Session()
         self._token: str | None = None
 
-    # ------------------------------------------------------------------ lifecycle
-
-    def __enter__(self) -> Stack:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    # ------------------------------------------------------------------ lifecycle (with Stack(...) as stack)
 
     def start(self) -> None:
         from include.simulators.runner import free_port
@@ -111,22 +135,25 @@ class Stack:
         if self.home.exists() and not self.options.reuse:
             shutil.rmtree(self.home)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        sn_port, def_port, api_port = free_port(), free_port(), free_port()
+        sn_port, api_port = free_port(), free_port()
+        def_ports = [free_port() for _ in self.sources]
         self.sn_url = f"http://127.0.0.1:{sn_port}"
-        self.defender_url = f"http://127.0.0.1:{def_port}"
+        self.defender_urls = {s.conn_id: f"http://127.0.0.1:{p}" for s, p in zip(self.sources, def_ports, strict=True)}
+        self.defender_url = self.defender_urls[self.sources[0].conn_id]
         self.api_url = f"http://127.0.0.1:{api_port}"
         self.env = self._environment(api_port)
 
         py = sys.executable
-        self._spawn("servicenow-sim", [py, "-m", "include.simulators.servicenow_sim", "--port", str(sn_port)],
-                    "servicenow_sim")
+        self._spawn("servicenow-sim", [py, "-m", "include.simulators.servicenow_sim", "--port", str(sn_port),
+                                       *self.options.servicenow_args], "servicenow_sim")
         o = self.options
-        defender = [py, "-m", "include.simulators.defender_sim", "--port", str(def_port),
-                    "--mode", "management_console", "--devices", str(o.devices), "--seed", str(o.seed),
-                    "--sensors", str(o.sensors), "--name", "demo-management-console"]
-        if o.alert_interval_s:
-            defender += ["--alert-interval", str(o.alert_interval_s)]
-        self._spawn("defender-sim", defender, "defender_sim")
+        for i, (source, port) in enumerate(zip(self.sources, def_ports, strict=True)):
+            defender = [py, "-m", "include.simulators.defender_sim", "--port", str(port), "--mode", source.mode,
+                        "--devices", str(source.devices), "--seed", str(source.seed),
+                        "--sensors", str(source.sensors), "--name", source.name]
+            if o.alert_interval_s:
+                defender += ["--alert-interval", str(o.alert_interval_s)]
+            self._spawn("defender-sim" if i == 0 else f"defender-sim-{source.conn_id}", defender, "defender_sim")
 
         migrate = subprocess.run([str(BIN / "airflow"), "db", "migrate"], cwd=ROOT, env=self.env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -135,15 +162,21 @@ class Stack:
         if migrate.returncode:
             raise StackError(f"'airflow db migrate' failed (exit {migrate.returncode}); "
                              f"see {self.logs_dir / 'db-migrate.log'}")
-        for name, args in (("api-server", ["api-server"]),
-                           ("scheduler", ["scheduler", "--skip-serve-logs"]),
-                           ("dag-processor", ["dag-processor"]),
-                           ("triggerer", ["triggerer", "--skip-serve-logs"])):
+        components = [("api-server", ["api-server"]), ("scheduler", ["scheduler", "--skip-serve-logs"]),
+                      ("dag-processor", ["dag-processor"])]
+        components += [("triggerer" if i == 0 else f"triggerer-{i + 1}", ["triggerer", "--skip-serve-logs"])
+                       for i in range(o.triggerers)]
+        for name, args in components:
             self._spawn(name, [str(BIN / "airflow"), *args], "airflow")
+        for worker in o.celery_workers:
+            self._spawn(worker, [str(BIN / "airflow"), "celery", "worker", "-H", worker, "--skip-serve-logs",
+                                 "--concurrency", str(o.worker_concurrency), "--without-gossip"],
+                        "airflow", {"STACK_WORKER_NAME": worker})
 
         deadline = time.monotonic() + o.startup_timeout
         self._wait_http(f"{self.sn_url}/sim/state", deadline, "ServiceNow simulator")
-        self._wait_http(f"{self.defender_url}/sim/state", deadline, "Defender simulator")
+        for conn_id, url in self.defender_urls.items():
+            self._wait_http(f"{url}/sim/state", deadline, f"Defender simulator of {conn_id}")
         self._wait_http(f"{self.api_url}/api/v2/version", deadline, "Airflow api-server", auth=True)
 
     def stop(self, timeout: float = 20.0) -> None:
@@ -194,17 +227,17 @@ class Stack:
         api = f"http://127.0.0.1:{api_port}"
         env.update({
             "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+            "PYTHONPATH": self.env_pythonpath(),
             "PYTHONUNBUFFERED": "1",
             "AIRFLOW_HOME": str(self.home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__EXECUTOR": o.executor,
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": o.sql_alchemy_conn or f"sqlite:///{self.home / 'airflow.db'}",
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(api_port),
             "AIRFLOW__API__BASE_URL": api,
@@ -221,17 +254,19 @@ class Stack:
             f"AIRFLOW_CONN_{SERVICENOW_CONN_ID.upper()}": json.dumps({
                 "conn_type": "servicenow", "host": self.sn_url, "login": SIM_USER, "password": SIM_PASSWORD,
                 "extra": {"client_id": SIM_CLIENT_ID, "client_secret": SIM_CLIENT_SECRET}}),
-            f"AIRFLOW_CONN_{DEFENDER_CONN_ID.upper()}": json.dumps({
-                "conn_type": "defender_iot", "host": self.defender_url, "password": SIM_TOKEN,
-                "extra": {"appliance": "management_console", "name": "demo-management-console"}}),
             # Lets the device sync write its summary as the run's note (through Airflow's REST API).
             "AIRFLOW_CONN_AIRFLOW_API": json.dumps({"conn_type": "http", "host": api, "login": USERNAME,
                                                     "password": self.password}),
             "AIRFLOW_API_CONN_ID": "airflow_api",
-            "DEFENDER_SOURCES": DEFENDER_CONN_ID,
+            "DEFENDER_SOURCES": ",".join(source.conn_id for source in self.sources),
             "SERVICENOW_CONN_ID": SERVICENOW_CONN_ID,
             "DEFENDER_FORWARDING_RULES_FILE": str(rules),
         })
+        for source in self.sources:
+            env[f"AIRFLOW_CONN_{source.conn_id.upper()}"] = json.dumps({
+                "conn_type": "defender_iot", "host": self.defender_urls[source.conn_id], "password": SIM_TOKEN,
+                "extra": {"appliance": source.mode, "name": source.name}})
+        env.update(self._celery_environment())
         if o.fast:
             env.update({"AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
                         "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
@@ -241,9 +276,54 @@ class Stack:
         env.update(o.extra_env)
         return env
 
-    def _spawn(self, name: str, argv: list[str], marker: str) -> None:
+    def _celery_environment(self) -> dict[str, str]:
+        """CeleryExecutor settings, and the hostname each worker's task instances report."""
+        o = self.options
+        env = {}
+        if o.celery_broker_url:
+            env["AIRFLOW__CELERY__BROKER_URL"] = o.celery_broker_url
+        if o.celery_result_backend:
+            env["AIRFLOW__CELERY__RESULT_BACKEND"] = o.celery_result_backend
+        config = self.home / "config"  # on every component's sys.path
+        if o.local_settings:
+            config.mkdir(exist_ok=True)
+            (config / "airflow_local_settings.py").write_text(o.local_settings)
+        if o.celery_workers:
+            # One machine, one hostname: [core] hostname_callable lets each worker report its own name
+            # (STACK_WORKER_NAME, set per worker; every other process keeps the machine's name).
+            config.mkdir(exist_ok=True)
+            (config / "stack_hostname.py").write_text(
+                "import os\nimport socket\n\n\ndef hostname():\n"
+                "    return os.environ.get('STACK_WORKER_NAME') or socket.getfqdn()\n")
+            env["AIRFLOW__CORE__HOSTNAME_CALLABLE"] = "stack_hostname.hostname"
+        if config.exists():
+            env["PYTHONPATH"] = os.pathsep.join([str(config), self.env_pythonpath()])
+        return env
+
+    @staticmethod
+    def env_pythonpath() -> str:
+        return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+    def process(self, name: str) -> subprocess.Popen:
+        return next(p.popen for p in self.procs if p.name == name)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the process ``name`` with every process it started (as when its machine dies)."""
+        leader = self.process(name).pid
+        pids = {leader} | _descendants({leader})
+        for pgid in {pgid for pid in pids if (pgid := _pgid_or_none(pid)) is not None}:
+            _signal_group(pgid, signal.SIGKILL)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.process(name).wait(10)
+
+    def _spawn(self, name: str, argv: list[str], marker: str, env: dict[str, str] | None = None) -> None:
         with open(self.logs_dir / f"{name}.log", "ab") as log:
-            popen = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+            popen = subprocess.Popen(argv, cwd=ROOT, env={**self.env, **(env or {})}, stdin=subprocess.DEVNULL,
+                                     stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(_Proc(name, popen, marker))
         (self.home / PIDS_FILE).write_text(json.dumps({p.name: [p.popen.pid, p.marker] for p in self.procs}))

@@ -160,3 +160,34 @@ def test_dockerfile_installs_requirements_then_the_package():
                  "include", "dags"):
         assert path in copied
         assert (ROOT / path).exists(), f"the Dockerfile copies {path}, which does not exist"
+
+
+def test_compose_runs_the_engine_the_distributed_test_proves():
+    """Executor, metadata DB, broker and result backend are those of tests/test_distributed.py."""
+    from scripts.services import celery_engine_env
+
+    env = COMPOSE["x-airflow-common"]["environment"]
+    database = "airflow:${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env}@postgres/airflow"
+    expected = celery_engine_env(database, ":@redis:6379/0")
+    assert {key: env[key] for key in expected} == expected
+    assert SERVICES["airflow-worker"]["command"] == "celery worker"
+
+
+def test_the_image_carries_the_drivers_those_urls_need():
+    """psycopg2 for the (explicit) sync URLs, asyncpg for the URL the API server derives from them."""
+    from airflow.settings import _get_async_conn_uri_from_sync
+    from sqlalchemy.engine import make_url
+
+    env = COMPOSE["x-airflow-common"]["environment"]
+    sync_url = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env}", "pw")
+    backend = env["AIRFLOW__CELERY__RESULT_BACKEND"].removeprefix("db+").replace(
+        "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env}", "pw")
+    drivers = {make_url(sync_url).get_dialect().driver, make_url(backend).get_dialect().driver,
+               make_url(_get_async_conn_uri_from_sync(sync_url)).get_dialect().driver}
+    assert drivers == {"psycopg2", "asyncpg"}
+    package = {"psycopg2": "psycopg2-binary", "asyncpg": "asyncpg"}
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "requirements.txt").read_text(), flags=re.MULTILINE))
+    image = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "requirements-image.txt").read_text(),
+                            flags=re.MULTILINE))
+    for name in [package[d] for d in drivers] + ["apache-airflow-providers-celery"]:
+        assert name in pins and image.get(name) == pins[name], name
