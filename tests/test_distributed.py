@@ -202,7 +202,10 @@ def test_sync_spreads_over_both_workers_and_survives_a_killed_worker(stack, repo
     note = stack.api_json("GET", f"/api/v2/dags/defender_device_sync/dagRuns/{run_id}").get("note") or ""
 
     counters = stack.sn_state().get("counters", {})
+    scheduler_log = (stack.logs_dir / "scheduler.log").read_text(errors="replace")
     report.figures.update({
+        "tasks_failed_for_missing_heartbeat": scheduler_log.count("Detected a task instance without a heartbeat"),
+        "tasks_requeued_after_stuck_in_queued": scheduler_log.count("Task stuck in queued; will try to requeue"),
         "sync_run_s (3 sources x 60 devices, IRE 0.3 s/item, one worker killed)": round(total_s, 1),
         f"killed_task_retried_after_s (heartbeat timeout {HEARTBEAT_TIMEOUT} s)": round(detected_s, 1),
         "task_attempts_per_worker": dict(hosts),
@@ -210,6 +213,26 @@ def test_sync_spreads_over_both_workers_and_survives_a_killed_worker(stack, repo
         "servicenow_ire_items_until_first_sync_done": counters.get("ire_items"),
         "cmdb_source_rows": len(rows),
         "run_note": note,
+    })
+
+
+def test_the_next_sync_after_the_crash_inserts_nothing(stack, report):
+    """After the crash-and-retry sync, a second sync finds every device unchanged (no duplicate, no re-send)."""
+    before = stack.sn_state()["counters"]
+    cis_before = len(stack.sn_records("sys_object_source"))
+    started = time.monotonic()
+    run_id = stack.trigger("defender_device_sync")
+    assert stack.wait_for_run("defender_device_sync", run_id, timeout=300) == "success"
+    elapsed = time.monotonic() - started
+    after = stack.sn_state()["counters"]
+    note = stack.api_json("GET", f"/api/v2/dags/defender_device_sync/dagRuns/{run_id}").get("note") or ""
+    assert ", inserted 0, updated 0," in note, note
+    assert len(stack.sn_records("sys_object_source")) == cis_before
+    report.figures.update({
+        "unchanged_sync_run_s (3 sources, 2 workers)": round(elapsed, 1),
+        "servicenow_requests_unchanged_sync": after["requests"] - before["requests"],
+        "servicenow_ire_items_unchanged_sync": after["ire_items"] - before["ire_items"],
+        "run_note_unchanged_sync": note,
     })
 
 
