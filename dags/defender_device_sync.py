@@ -128,7 +128,7 @@ def defender_device_sync():
         from defender_servicenow.hooks.defender import DefenderIoTHook
         from defender_servicenow.hooks.servicenow import ServiceNowHook
         from defender_servicenow.mapping import load_class_mapping
-        from defender_servicenow.sync import DeviceSync, record_failure
+        from defender_servicenow.sync import DeviceSync, max_value_bytes, record_failure
 
         context = get_current_context()
         context["defender_source"] = source   # the mapped task's label in the UI
@@ -148,7 +148,7 @@ def defender_device_sync():
                 source_name=settings.source_name(), data_source=settings.data_source(),
                 batch_size=IRE_BATCH_SIZE, parallel=IRE_PARALLEL, full_resync=bool(params["full_resync"]),
                 dry_run=bool(params["dry_run"]), retire_after_missing_runs=RETIRE_AFTER_MISSING_RUNS,
-                run_id=context["ti"].run_id, match_by_name=MATCH_BY_NAME,
+                run_id=context["ti"].run_id, match_by_name=MATCH_BY_NAME, max_value_bytes=max_value_bytes(),
             ).run()
         except NOT_RETRYABLE as exc:
             log.error("Sync of %s failed and will not be retried: %s", source, exc)

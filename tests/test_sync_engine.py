@@ -642,3 +642,22 @@ def test_progress_is_checkpointed_every_ten_batches():
     run(FakeDefender([device(i, mac_addresses=[], firmware=[]) for i in range(1, 30)]), sn, store,
         batch_size=1, parallel=1, match_by_name=True)
     assert sn.seen_at_12 is not None and sn.seen_at_12 >= 10 - 2   # at most the in-flight batches unrecorded
+
+
+def test_state_shards_fit_the_store_limit_at_200k_devices_per_source():
+    import json
+
+    from airflow.configuration import conf
+    from defender_servicenow.sync import max_value_bytes
+
+    limit = max_value_bytes()
+    assert limit == conf.getint("state_store", "max_value_storage_bytes") > 0
+    store = MemoryStateStore()
+    state = SourceState(store, "sensor_a", max_value_bytes=limit)
+    for i in range(200_000):
+        state.put(str(i), [f"{i:016x}", f"{i:032x}", "cmdb_ci_ot_plc", 0, 0])
+    state.save()
+    sizes = [len(json.dumps(v)) for k, v in store.data.items() if k.startswith("sensor_a/devices/")]
+    assert max(sizes) <= limit and sum(map(len, (v for k, v in store.data.items() if "/devices/" in k))) == 200_000
+    again = SourceState(store, "sensor_a", max_value_bytes=limit)         # the count is recorded in the meta
+    assert again.shards == state.shards > 128 and len(again) == 200_000 and again.get("199999")[1] == f"{199999:032x}"

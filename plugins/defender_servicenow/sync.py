@@ -26,6 +26,7 @@ State layout (one writer per key: each source only writes its own keys)::
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 DEFAULT_SHARDS = 128
+DEFAULT_MAX_VALUE_BYTES = 65535          # Airflow's default [state_store] max_value_storage_bytes
 DELETED_LOOKBACK = timedelta(hours=1)   # overlap when asking the console for devices deleted since the last sync
 RETIRED = {"install_status": "7", "operational_status": "6"}
 REVIVED = {"install_status": "1", "operational_status": "1"}
@@ -97,11 +99,28 @@ class SyncConfigError(ConfigError):
 # --------------------------------------------------------------------------- state
 
 
-class SourceState:
-    """The per-source change-detection state, sharded over the store's keys; writes only changed shards."""
+def max_value_bytes() -> int:
+    """Airflow's ``[state_store] max_value_storage_bytes`` (0 = no limit; 65535 when not configured)."""
+    try:
+        from airflow.configuration import conf
 
-    def __init__(self, store: StateStore, source: str, shards: int = DEFAULT_SHARDS):
+        return conf.getint("state_store", "max_value_storage_bytes", fallback=DEFAULT_MAX_VALUE_BYTES)
+    except ImportError:   # pragma: no cover - the engine without Airflow
+        return DEFAULT_MAX_VALUE_BYTES
+
+
+class SourceState:
+    """The per-source change-detection state, sharded over the store's keys; writes only changed shards.
+
+    Shards are sized to the inventory: when a shard to write would pass ``fill`` of the store's value limit
+    (``max_value_bytes``, as Airflow measures it: ``len(json.dumps(value))``), every device is spread over
+    enough shards (doubling) that each stays below half the limit, and the new count is recorded at once.
+    """
+
+    def __init__(self, store: StateStore, source: str, shards: int = DEFAULT_SHARDS,
+                 max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES, fill: float = 0.8):
         self.store, self.source = store, source
+        self.max_value_bytes, self.fill = max_value_bytes, fill
         self.meta: dict = store.get(self._meta_key(), None) or {}
         self.shards = int(self.meta.get("shards") or shards)
         self._data: list[dict] = [dict(store.get(self._shard_key(i), None) or {}) for i in range(self.shards)]
@@ -137,12 +156,39 @@ class SourceState:
     def __len__(self) -> int:
         return sum(len(s) for s in self._data)
 
+    def _size(self, index: int) -> int:
+        return len(json.dumps(self._data[index]))
+
+    def _fit(self) -> None:
+        """Grow the shard count when a changed shard comes near the store's value limit."""
+        limit = self.max_value_bytes
+        if limit <= 0 or not self._dirty or max(map(self._size, self._dirty)) <= limit * self.fill:
+            return
+        total = sum(map(self._size, range(self.shards)))
+        count = self.shards
+        while total / count > limit / 2:
+            count *= 2
+        entries = [e for shard in self._data for e in shard.items()]
+        old = self.shards
+        self.shards, self._data = count, [{} for _ in range(count)]
+        for device_id, entry in entries:
+            self._data[self._shard(device_id)][device_id] = entry
+        self._dirty = set(range(count))
+        log.info("State of %s: %d devices take about %d bytes; spread over %d shards (was %d) so that no value "
+                 "passes the state store's max_value_storage_bytes (%d)", self.source, len(entries), total, count,
+                 old, limit)
+        self._resharded = True
+
     def save(self) -> int:
         """Write the changed shards; returns how many."""
+        self._fit()
         for index in sorted(self._dirty):
             self.store.set(self._shard_key(index), self._data[index])
         written = len(self._dirty)
         self._dirty.clear()
+        if getattr(self, "_resharded", False):   # the shard count goes with the shards it describes
+            self._resharded = False
+            self.save_meta()
         return written
 
     def save_meta(self, **values: Any) -> None:
@@ -349,7 +395,8 @@ class DeviceSync:
                  full_resync: bool = False, dry_run: bool = False, retire_after_missing_runs: int = 3,
                  shards: int = DEFAULT_SHARDS, last_seen_resolution_hours: int = 24,
                  clock: Callable[[], datetime] | None = None, run_id: str | None = None,
-                 checkpoint_batches: int = 10, match_by_name: bool = False):
+                 checkpoint_batches: int = 10, match_by_name: bool = False,
+                 max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES):
         if batch_size < 1 or parallel < 1 or retire_after_missing_runs < 1:
             raise ValueError("batch_size, parallel and retire_after_missing_runs must be at least 1")
         self.source, self.defender, self.servicenow = source, defender, servicenow
@@ -361,6 +408,7 @@ class DeviceSync:
         self.shards, self.resolution = shards, last_seen_resolution_hours
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self.run_id, self.checkpoint_batches, self.match_by_name = run_id, checkpoint_batches, match_by_name
+        self.max_value_bytes = max_value_bytes
         self._detail: Counter = Counter()
         self._claimed: dict[str, str] = {}   # serial/MAC -> the first device of this run that reported it
         self._refused: set[tuple[str, str, str]] = set()   # (class, related|lookup, table) without an IRE rule
@@ -371,7 +419,7 @@ class DeviceSync:
         started, t0 = self.clock(), time.monotonic()
         summary = SyncSummary(source=self.source, dry_run=self.dry_run, full_resync=self.full_resync)
         self._claimed, self._collected, self._checkpoints = {}, 0, 0
-        state = SourceState(self.store, self.source, self.shards)
+        state = SourceState(self.store, self.source, self.shards, self.max_value_bytes)
         mode = "dry run" if self.dry_run else ("full resync" if self.full_resync else "changes only")
         log.info("Syncing %s (%s, %s) into ServiceNow: %d devices recorded from earlier syncs, batches of %d, "
                  "%d in parallel", self.source, self.defender.appliance, mode, len(state), self.batch_size,
