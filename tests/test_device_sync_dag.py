@@ -173,7 +173,8 @@ def test_management_console_rerun_after_outage_duplicates_nothing(airflow_db, mo
     monkeypatch.setattr(ServiceNowHook, "identify_reconcile", flaky)
     failed = run_dag()
     assert task_states(failed)["sync_source[0]"] == "failed"
-    assert task_states(failed)["report"] == "success"            # reports what did sync
+    assert task_states(failed)["report"] == "failed"             # reports what did sync, then fails the run
+    assert str(getattr(failed.state, "value", failed.state)) == "failed"
     partial = cis(sn, "dagtest_cm")
     assert 0 < len(partial) < 240 and last_sync_events("dagtest_cm") == []
 
