@@ -24,11 +24,17 @@ from defender_servicenow.exceptions import (
 
 log = logging.getLogger("defender_servicenow.device_sync")
 
+
+def _kind(defender) -> str | None:
+    return getattr(defender, "appliance", None)
+
+
 # Settings are validated here: a bad value is this DAG's import error, naming the variable and the rule.
 SOURCES = settings.defender_sources()
 FREQUENCY_MINUTES = settings.sync_frequency_minutes()
 SERVICENOW_CONN_ID = settings.servicenow_conn_id()
 RETIRE_AFTER_MISSING_RUNS = settings.retire_after_missing_runs()
+MATCH_BY_NAME = settings.sync_match_by_name()   # opt-in: devices without serial/MAC may join same-named CIs
 AIRFLOW_API_CONN_ID = settings.airflow_api_conn_id()   # optional: write the summary as the run's note
 IRE_BATCH_SIZE = 100      # items per IRE request
 IRE_PARALLEL = 4          # IRE requests in flight per source
@@ -65,6 +71,24 @@ Identification and Reconciliation Engine (connection `{SERVICENOW_CONN_ID}`). Ru
 """
 
 
+def selected_sources(params) -> list[str]:
+    """The sources a run syncs (the ``sources`` param, else all); ValueError names unknown ones."""
+    wanted = [str(s).strip() for s in (params or {}).get("sources") or [] if str(s).strip()]
+    unknown = [s for s in wanted if s not in SOURCES]
+    if unknown:
+        raise ValueError(f"Unknown source(s) {', '.join(map(repr, unknown))} in the 'sources' param: it takes "
+                         f"connection ids listed in DEFENDER_SOURCES ({', '.join(SOURCES)}); leave it empty to "
+                         "sync all of them")
+    return [s for s in SOURCES if s in wanted] if wanted else list(SOURCES)
+
+
+def _failure(context, message: str) -> dict:
+    """A failure object (docs/design.md, health data) for the running task instance."""
+    ti = context["ti"]
+    return {"at": pendulum.now("UTC").isoformat(), "message": message, "dag_id": ti.dag_id, "run_id": ti.run_id,
+            "task_id": ti.task_id, "map_index": ti.map_index, "try_number": ti.try_number}
+
+
 @dag(
     dag_id="defender_device_sync",
     schedule=timedelta(minutes=FREQUENCY_MINUTES),
@@ -90,15 +114,11 @@ Identification and Reconciliation Engine (connection `{SERVICENOW_CONN_ID}`). Ru
 def defender_device_sync():
     @task(retries=0)
     def select_sources(params=None) -> list[str]:
-        wanted = [str(s).strip() for s in (params or {}).get("sources") or [] if str(s).strip()]
-        unknown = [s for s in wanted if s not in SOURCES]
-        if unknown:
-            message = (f"Unknown source(s) {', '.join(map(repr, unknown))} in the 'sources' param: it takes "
-                       f"connection ids listed in DEFENDER_SOURCES ({', '.join(SOURCES)}); leave it empty to sync "
-                       "all of them")
-            log.error(message)
-            raise AirflowFailException(message)
-        selected = [s for s in SOURCES if s in wanted] if wanted else list(SOURCES)
+        try:
+            selected = selected_sources(params)
+        except ValueError as exc:
+            log.error("%s", exc)
+            raise AirflowFailException(str(exc)) from None
         log.info("Syncing %d source(s): %s", len(selected), ", ".join(selected))
         return selected
 
@@ -108,28 +128,42 @@ def defender_device_sync():
         from defender_servicenow.hooks.defender import DefenderIoTHook
         from defender_servicenow.hooks.servicenow import ServiceNowHook
         from defender_servicenow.mapping import load_class_mapping
-        from defender_servicenow.sync import DeviceSync
+        from defender_servicenow.sync import DeviceSync, max_value_bytes, record_failure
 
-        get_current_context()["defender_source"] = source   # the mapped task's label in the UI
+        context = get_current_context()
+        context["defender_source"] = source   # the mapped task's label in the UI
+        store = asset_state_store[SYNC_STATE]
+
+        def failed(message: str, kind: str | None = None):
+            if not params["dry_run"]:
+                record_failure(store, source, _failure(context, message), kind=kind)
+            return message
+
+        defender = None
         try:
+            defender = DefenderIoTHook(source)
             summary = DeviceSync(
-                source=source, defender=DefenderIoTHook(source), servicenow=ServiceNowHook(SERVICENOW_CONN_ID),
-                state_store=asset_state_store[SYNC_STATE], mapping=load_class_mapping(),
+                source=source, defender=defender, servicenow=ServiceNowHook(SERVICENOW_CONN_ID),
+                state_store=store, mapping=load_class_mapping(),
                 source_name=settings.source_name(), data_source=settings.data_source(),
                 batch_size=IRE_BATCH_SIZE, parallel=IRE_PARALLEL, full_resync=bool(params["full_resync"]),
                 dry_run=bool(params["dry_run"]), retire_after_missing_runs=RETIRE_AFTER_MISSING_RUNS,
+                run_id=context["ti"].run_id, match_by_name=MATCH_BY_NAME, max_value_bytes=max_value_bytes(),
             ).run()
         except NOT_RETRYABLE as exc:
             log.error("Sync of %s failed and will not be retried: %s", source, exc)
-            raise AirflowFailException(f"Sync of {source} failed: {exc}") from None
+            raise AirflowFailException(failed(f"Sync of {source} failed: {exc}", _kind(defender))) from None
         except AirflowNotFoundException as exc:
             message = (f"Sync of {source} failed: {exc}. Create the connection (Admin > Connections, an "
                        "AIRFLOW_CONN_<ID> variable or the secrets backend) or remove it from DEFENDER_SOURCES")
             log.error(message)
-            raise AirflowFailException(message) from None
+            raise AirflowFailException(failed(message)) from None
         except IntegrationError as exc:
             log.error("Sync of %s failed (the task is retried with backoff): %s", source, exc)
-            raise AirflowException(f"Sync of {source} failed: {exc}") from None
+            raise AirflowException(failed(f"Sync of {source} failed: {exc}", _kind(defender))) from None
+        except Exception as exc:
+            failed(f"Sync of {source} failed: {type(exc).__name__}", _kind(defender))
+            raise
         counts = {name: getattr(summary, name) for name in summary.COUNTS}
         result = {"source": source, **counts, "duration_s": round(summary.duration, 1), "dry_run": summary.dry_run,
                   "errors": summary.errors}
@@ -138,20 +172,38 @@ def defender_device_sync():
                                          extra={**result, "finished_at": pendulum.now("UTC").isoformat()})
         return result
 
-    @task(retries=0, trigger_rule="all_done")   # report the sources that synced even when another failed
-    def report(results, params=None, dag_run=None) -> str:
+    @task(retries=0, trigger_rule="all_done", inlets=[SYNC_STATE])   # report what synced even when some failed
+    def report(results, params=None, dag_run=None, asset_state_store=None) -> str:
+        from defender_servicenow.sync import run_failures
+
         results = [r for r in results or [] if r]
         totals = {name: sum(r[name] for r in results) for name in
                   ("seen", "inserted", "updated", "unchanged", "retired", "skipped", "failed")}
         for r in results:
             log.info("%s: %s", r["source"], ", ".join(f"{k} {r[k]}" for k in totals))
+        try:
+            selected, problems = selected_sources(params), []
+        except ValueError as exc:
+            selected, problems = [], [f"the 'sources' param was rejected ({exc})"]
+        synced = {r["source"] for r in results}
+        run_id = dag_run.run_id if dag_run is not None else None
+        failures = run_failures(asset_state_store[SYNC_STATE] if asset_state_store is not None else None,
+                                [s for s in selected if s not in synced], run_id)
+        for source, reason in failures.items():
+            log.error("%s: sync failed: %s", source, reason)
+            problems.append(f"{source} ({reason})")
         line = (f"{len(results)} source(s) synced{' (dry run: nothing written)' if params['dry_run'] else ''}: "
                 + ", ".join(f"{k} {v}" for k, v in totals.items()))
-        log.info(line)
+        if problems:
+            line += f"; FAILED: {len(failures)} source(s): " + "; ".join(problems)
         if AIRFLOW_API_CONN_ID and dag_run is not None:
             from defender_servicenow.run_note import set_run_note
 
             set_run_note(AIRFLOW_API_CONN_ID, dag_run.dag_id, dag_run.run_id, f"Last Sync: {line}")
+        if problems:   # the run ends failed; the exception's message is the summary
+            log.error(line)
+            raise AirflowFailException(line)
+        log.info(line)
         return line
 
     report(sync_source.expand(source=select_sources()))

@@ -173,7 +173,8 @@ def test_management_console_rerun_after_outage_duplicates_nothing(airflow_db, mo
     monkeypatch.setattr(ServiceNowHook, "identify_reconcile", flaky)
     failed = run_dag()
     assert task_states(failed)["sync_source[0]"] == "failed"
-    assert task_states(failed)["report"] == "success"            # reports what did sync
+    assert task_states(failed)["report"] == "failed"             # reports what did sync, then fails the run
+    assert str(getattr(failed.state, "value", failed.state)) == "failed"
     partial = cis(sn, "dagtest_cm")
     assert 0 < len(partial) < 240 and last_sync_events("dagtest_cm") == []
 
@@ -195,6 +196,8 @@ def test_unknown_source_param_fails_plainly(airflow_db, monkeypatch, defender_si
     assert task_states(dagrun)["select_sources"] == "failed"
     out, err = capfd.readouterr()
     assert "Unknown source(s) 'dagtest_sensor_9' in the 'sources' param" in out + err
+    assert str(getattr(dagrun.state, "value", dagrun.state)) == "failed"          # the run looks failed
+    assert "FAILED: 0 source(s): the 'sources' param was rejected" in out + err
     assert cis(servicenow_conn.sim, "dagtest_sensor_1") == {}
 
 
@@ -209,3 +212,27 @@ def test_a_source_without_connection_fails_plainly_and_others_sync(airflow_db, m
     out, err = capfd.readouterr()
     assert "Sync of dagtest_no_such_conn failed" in out + err and "remove it from DEFENDER_SOURCES" in out + err
     assert len(cis(servicenow_conn.sim, "dagtest_sensor_1")) >= 4
+    assert str(getattr(dagrun.state, "value", dagrun.state)) == "failed"          # after the other synced
+    summary = [line for line in (out + err).splitlines() if "source(s) synced" in line][-1]
+    assert "1 source(s) synced" in summary and "FAILED: 1 source(s): dagtest_no_such_conn (Sync of " in summary
+    meta = sync_state("dagtest_no_such_conn/meta")
+    assert meta["last_outcome"] == "failed" and meta["last_failure"]["task_id"] == "sync_source"
+    assert meta["last_failure"]["run_id"] == dagrun.run_id and meta["last_failure"]["map_index"] == 1
+    ok = sync_state("dagtest_sensor_1/meta")
+    assert ok["last_outcome"] == "ok" and ok["kind"] == "sensor"
+
+
+def sync_state(key: str):
+    """A value of the asset state store of defender_device_sync_state, read back from Airflow's DB."""
+    import json
+
+    from airflow.models.asset import AssetModel
+    from airflow.models.asset_state_store import AssetStateStoreModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        row = session.scalars(select(AssetStateStoreModel).join(AssetModel, AssetStateStoreModel.asset_id == AssetModel.id)
+                              .where(AssetModel.name == "defender_device_sync_state",
+                                     AssetStateStoreModel.key == key)).one()
+        return json.loads(row.value)

@@ -177,6 +177,10 @@ def test_rejected_servicenow_credentials_fail_the_sync_plainly(stack):
         # The attempt's log is complete shortly after the state change.
         text = wait_until(lambda: (t := _log_text(stack, "defender_device_sync", run_id, bad[0]["task_id"]))
                           and re.search(r"(?i)401|credential", t) and t, 60, "the failed task's log")
+        # The run itself ends failed (REST), and its note names the failed source.
+        assert stack.wait_for_run("defender_device_sync", run_id) == "failed"
+        run = stack.api_json("GET", f"/api/v2/dags/defender_device_sync/dagRuns/{run_id}")
+        assert "FAILED: 1 source(s): " in (run.get("note") or ""), run.get("note")
     finally:
         stack.sn_faults(reject_credentials=False)
     assert re.search(r"(?i)(credentials?|grant) .*(not accepted|refused|rejected)|"

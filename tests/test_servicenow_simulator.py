@@ -588,3 +588,18 @@ def test_ire_related_entries_are_stored_and_compared(servicenow_sim):
     dup = ire([{"className": "cmdb_key_value", "values": {"key": "k", "value": "1"}},
                {"className": "cmdb_key_value", "values": {"key": "k", "value": "2"}}])
     assert dup["errors"][0]["error"] == "DUPLICATE_RELATED_PAYLOAD"
+
+
+def test_client_credentials_in_an_http_basic_header_are_accepted(servicenow_sim):
+    """RFC 6749 2.3.1 (what ServiceNow accepts and PySNC sends); repeated grants keep one token."""
+    basic = base64.b64encode(f"{SIM_CLIENT_ID}:{SIM_CLIENT_SECRET}".encode()).decode()
+    data = {"grant_type": "password", "username": SIM_USER, "password": SIM_PASSWORD}
+    answers = [requests.post(f"{servicenow_sim.url}/oauth_token.do", data=data, timeout=10,
+                             headers={"Authorization": f"Basic {basic}"}) for _ in range(5)]
+    assert [a.status_code for a in answers] == [200] * 5
+    assert len({a.json()["access_token"] for a in answers}) == 1            # the current token, re-issued
+    assert token(servicenow_sim.url).json()["access_token"] == answers[0].json()["access_token"]
+    assert len(servicenow_sim.sim.access) == 1                              # the token table does not grow
+    wrong = base64.b64encode(f"{SIM_CLIENT_ID}:nope".encode()).decode()
+    assert requests.post(f"{servicenow_sim.url}/oauth_token.do", data=data, timeout=10,
+                         headers={"Authorization": f"Basic {wrong}"}).status_code == 401

@@ -139,7 +139,7 @@ def test_first_sync_inserts_then_nothing_is_resent():
     assert full.updated == 10 and sn.items_sent == 31
 
 
-def test_first_contact_uses_the_mac_as_name_only_when_there_is_one():
+def test_first_contact_never_uses_the_name_alone():
     from defender_servicenow.mapping import map_device
     from defender_servicenow.sync import first_contact_item
 
@@ -148,7 +148,8 @@ def test_first_contact_uses_the_mac_as_name_only_when_there_is_one():
     serial_only = map_device(device(2, mac_addresses=[]), source_name="s", mapping=MAPPING)
     assert first_contact_item(serial_only)["values"]["name"] == "SN2"
     neither = map_device(device(3, mac_addresses=[], firmware=[]), source_name="s", mapping=MAPPING)
-    assert first_contact_item(neither) is None
+    assert first_contact_item(neither)["values"]["name"] == "sensor_a:3"   # its source key, not "PLC-3"
+    assert first_contact_item(neither, match_by_name=True) is None          # opt-in: sent by its name
 
 
 def test_item_errors_are_reported_per_device_and_not_recorded(caplog):
@@ -514,3 +515,149 @@ def test_full_resync_brings_back_cis_a_clean_up_retired(defender_sim_factory, se
     summary = sim_engine("defender_sensor_1", store, full_resync=True).run()
     assert summary.failed == 0
     assert {(ci.get("install_status"), ci.get("operational_status")) for ci in cis(sn).values()} == {("1", "1")}
+
+
+# --------------------------------------------------------------------------- issue 11
+
+
+def test_devices_without_serial_or_mac_never_merge_by_name(defender_sim_factory, servicenow_conn):
+    """Two sites' "192.168.1.10" (no serial, no MAC) and a CI of another discovery source by that name."""
+    sn = servicenow_conn.sim
+    other = sn.insert("cmdb_ci_ot", {"name": "192.168.1.10", "discovery_source": "SCCM"})
+    sims = [defender_sim_factory(mode="sensor", devices=3, seed=n, conn_id=f"defender_sensor_{n}") for n in (1, 2)]
+    for s in sims:
+        s.sim.add_device(name="192.168.1.10", macAddresses=[], ipAddresses=["192.168.1.10"])
+    store = MemoryStateStore()
+    for n in (1, 2):
+        assert sim_engine(f"defender_sensor_{n}", store).run().failed == 0
+    same = [ci for ci in cis(sn).values() if ci["name"] == "192.168.1.10"]
+    assert len(same) == 2 and len({ci["sys_id"] for ci in same} | {other["sys_id"]}) == 3
+    assert sn.get(other["sys_id"])["discovery_source"] == "SCCM"        # the other source's CI is untouched
+
+
+def test_opt_in_joins_a_same_named_ci_of_another_discovery_source(defender_sim_factory, servicenow_conn):
+    sn = servicenow_conn.sim
+    other = sn.insert("cmdb_ci_ot", {"name": "HMI-PANEL-7", "discovery_source": "SCCM"})
+    s = defender_sim_factory(mode="sensor", devices=2, seed=1, conn_id="defender_sensor_1")
+    s.sim.add_device(name="HMI-PANEL-7", macAddresses=[], ipAddresses=["10.9.9.9"])
+    sim_engine("defender_sensor_1", MemoryStateStore(), match_by_name=True).run()
+    assert [ci["sys_id"] for ci in cis(sn).values() if ci["name"] == "HMI-PANEL-7"] == [other["sys_id"]]
+
+
+def test_missing_counters_advance_once_per_sync_not_per_attempt():
+    devices = [device(i) for i in range(1, 5)]
+    defender, sn, store = FakeDefender(devices), FakeServiceNow(), MemoryStateStore()
+    run(defender, sn, store, retire_after_missing_runs=2, run_id="r1")
+    defender.devices = devices[:3]                                  # device 4 gone
+    run(defender, sn, store, retire_after_missing_runs=2, run_id="r2")   # 4: missing 1 of 2
+    defender.devices = devices[:2]                                  # device 3 gone too
+    real_update = sn.update_record
+
+    def outage(*args):
+        raise ServiceNowUnavailableError("503 for a while")
+
+    sn.update_record = outage                                       # retiring 4 fails: the attempt fails
+    with pytest.raises(ServiceNowUnavailableError):
+        run(defender, sn, store, retire_after_missing_runs=2, run_id="r3")
+    sn.update_record = real_update
+    retry = run(defender, sn, store, retire_after_missing_runs=2, run_id="r3")   # the retry of the same run
+    assert retry.retired == 1                                       # 4 only; 3 has missed one sync, not two
+    assert SourceState(store, "sensor_a").get("3")[3] == 1
+    again = run(defender, sn, store, retire_after_missing_runs=2, run_id="r3")   # a further attempt: no count
+    assert again.retired == 0 and SourceState(store, "sensor_a").get("3")[3] == 1
+
+
+def test_concurrent_releases_retire_the_ci_nobody_claims(defender_sim_factory, servicenow_conn):
+    """Forced interleaving: both sensors read each other's claim, then both release theirs."""
+    import threading
+
+    from defender_servicenow.hooks.servicenow import ServiceNowHook
+
+    sims = {n: defender_sim_factory(mode="sensor", devices=4, conn_id=f"defender_sensor_{n}", seed=n) for n in (1, 2)}
+    ids = {}
+    for n, s in sims.items():
+        ids[n] = s.sim.device_ids()[0]
+        s.sim.update_device(ids[n], name=f"PLC {n}", macAddresses=["00:1b:1b:aa:bb:01"], type="PLC")
+    sn, stores = servicenow_conn.sim, {n: MemoryStateStore() for n in sims}
+    for n in sims:
+        sim_engine(f"defender_sensor_{n}", stores[n], retire_after_missing_runs=1).run()
+    ci = cis(sn)[f"defender_sensor_1:{ids[1]}"]["sys_id"]
+    both_read = threading.Barrier(2, timeout=30)
+
+    class Gated(ServiceNowHook):
+        reads = 0
+
+        def query_in(self, table, *args, **kwargs):
+            rows = super().query_in(table, *args, **kwargs)
+            self.reads += 1
+            if self.reads == 1:      # the claim check: wait until the other sensor has read too
+                both_read.wait()
+            return rows
+
+    for n, s in sims.items():
+        s.sim.delete_device(ids[n])
+    results, threads = {}, []
+    for n in sims:
+        engine = sim_engine(f"defender_sensor_{n}", stores[n], retire_after_missing_runs=1,
+                            servicenow=Gated("servicenow_default", max_retry_time=2))
+        threads.append(threading.Thread(target=lambda n=n, e=engine: results.__setitem__(n, e.run())))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == [1, 2]
+    assert (sn.get(ci)["install_status"], sn.get(ci)["operational_status"]) == ("7", "6")
+    assert [r for r in sn.table("sys_object_source") if r["target_sys_id"] == ci] == []
+    assert sum(r.retired for r in results.values()) >= 1
+
+
+def test_core_company_unreadable_syncs_without_manufacturer(caplog):
+    from defender_servicenow.exceptions import ServiceNowForbiddenError
+
+    class NoCompanies(FakeServiceNow):
+        def query(self, table, query="", fields=None, limit=None):
+            raise ServiceNowForbiddenError("ACL refused core_company", status=403)
+
+    sn, store = NoCompanies(), MemoryStateStore()
+    summary = run(FakeDefender([device(i) for i in range(1, 8)]), sn, store)
+    assert summary.inserted == 7 and summary.failed == 0
+    assert all("manufacturer" not in ci for ci in sn.cis.values())
+    warnings = [r.getMessage() for r in caplog.records if "core_company" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_progress_is_checkpointed_every_ten_batches():
+    """What the state store holds while batch 12 is in flight (a SIGKILL there loses only that)."""
+    store = MemoryStateStore()
+
+    class Watching(FakeServiceNow):
+        seen_at_12 = None
+
+        def identify_reconcile(self, items, data_source, *, dry_run=False):
+            if self.calls == 11:
+                self.seen_at_12 = len(SourceState(store, "sensor_a"))
+            return super().identify_reconcile(items, data_source, dry_run=dry_run)
+
+    sn = Watching()
+    run(FakeDefender([device(i, mac_addresses=[], firmware=[]) for i in range(1, 30)]), sn, store,
+        batch_size=1, parallel=1, match_by_name=True)
+    assert sn.seen_at_12 is not None and sn.seen_at_12 >= 10 - 2   # at most the in-flight batches unrecorded
+
+
+def test_state_shards_fit_the_store_limit_at_200k_devices_per_source():
+    import json
+
+    from airflow.configuration import conf
+    from defender_servicenow.sync import max_value_bytes
+
+    limit = max_value_bytes()
+    assert limit == conf.getint("state_store", "max_value_storage_bytes") > 0
+    store = MemoryStateStore()
+    state = SourceState(store, "sensor_a", max_value_bytes=limit)
+    for i in range(200_000):
+        state.put(str(i), [f"{i:016x}", f"{i:032x}", "cmdb_ci_ot_plc", 0, 0])
+    state.save()
+    sizes = [len(json.dumps(v)) for k, v in store.data.items() if k.startswith("sensor_a/devices/")]
+    assert max(sizes) <= limit and sum(map(len, (v for k, v in store.data.items() if "/devices/" in k))) == 200_000
+    again = SourceState(store, "sensor_a", max_value_bytes=limit)         # the count is recorded in the meta
+    assert again.shards == state.shards > 128 and len(again) == 200_000 and again.get("199999")[1] == f"{199999:032x}"

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from urllib.parse import parse_qsl
+import base64
+import binascii
+from urllib.parse import parse_qsl, unquote
 
 import jinja2
 from fastapi import FastAPI, Request
@@ -63,6 +65,19 @@ td,th{border:1px solid #ccc;padding:2px 8px;font-size:13px;text-align:left}h2{ma
 <td>{{ r.short_description }}</td><td>{{ r.correlation_id }}</td><td>{{ r.cmdb_ci }}</td>
 <td>{{ r.sys_created_on }}</td></tr>{% endfor %}</table>{% endfor %}
 </body></html>""")
+
+
+def basic_client(header: str, form: dict) -> dict:
+    """OAuth client credentials sent as ``Authorization: Basic base64(client_id:client_secret)`` (RFC 6749
+    2.3.1, the form ServiceNow and PySNC use), as form fields; {} when absent or when the form has them."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic" or form.get("client_id"):
+        return {}
+    try:
+        cid, sep, secret = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return {}
+    return {"client_id": unquote(cid), "client_secret": unquote(secret)} if sep else {}
 
 
 def _to_response(reply: Reply, head: bool = False) -> Response:
@@ -124,6 +139,7 @@ def create_app(config: SimConfig | None = None) -> FastAPI:
             await asyncio.sleep(sim.faults.latency_ms / 1000)
         body = await request.body()
         form = dict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+        form.update(basic_client(request.headers.get("authorization", ""), form))
         return finish(sim.oauth_token(request.headers.get("content-type", ""), form))
 
     @app.api_route("/api/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"])

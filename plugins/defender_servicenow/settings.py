@@ -165,3 +165,12 @@ def source_name(environ: dict | None = None) -> str:
 def data_source(environ: dict | None = None) -> str:
     """``SERVICENOW_DATA_SOURCE``: IRE ``sysparm_data_source`` (a ``cmdb_ci.discovery_source`` choice)."""
     return _env("SERVICENOW_DATA_SOURCE", environ) or DEFAULT_DATA_SOURCE
+
+
+def sync_match_by_name(environ: dict | None = None) -> bool:
+    """``DEFENDER_SYNC_MATCH_BY_NAME`` (default false): a device without serial/MAC of its own may join an
+    existing CI of the same name (e.g. one another discovery source created). Off: it gets a CI of its own."""
+    raw = (_env("DEFENDER_SYNC_MATCH_BY_NAME", environ) or "false").strip().lower()
+    if raw not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfigError(f"DEFENDER_SYNC_MATCH_BY_NAME must be true or false, not {raw!r}")
+    return raw in ("true", "1", "yes")

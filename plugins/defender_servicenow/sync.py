@@ -26,6 +26,7 @@ State layout (one writer per key: each source only writes its own keys)::
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -37,7 +38,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
-from defender_servicenow.exceptions import ConfigError, ServiceNowError
+from defender_servicenow.exceptions import (
+    ConfigError,
+    ServiceNowError,
+    ServiceNowForbiddenError,
+    ServiceNowInvalidTableError,
+)
 from defender_servicenow.hooks.servicenow import sys_id_of as _ref
 from defender_servicenow.mapping import (
     ClassMapping,
@@ -52,6 +58,7 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 DEFAULT_SHARDS = 128
+DEFAULT_MAX_VALUE_BYTES = 65535          # Airflow's default [state_store] max_value_storage_bytes
 DELETED_LOOKBACK = timedelta(hours=1)   # overlap when asking the console for devices deleted since the last sync
 RETIRED = {"install_status": "7", "operational_status": "6"}
 REVIVED = {"install_status": "1", "operational_status": "1"}
@@ -92,11 +99,28 @@ class SyncConfigError(ConfigError):
 # --------------------------------------------------------------------------- state
 
 
-class SourceState:
-    """The per-source change-detection state, sharded over the store's keys; writes only changed shards."""
+def max_value_bytes() -> int:
+    """Airflow's ``[state_store] max_value_storage_bytes`` (0 = no limit; 65535 when not configured)."""
+    try:
+        from airflow.configuration import conf
 
-    def __init__(self, store: StateStore, source: str, shards: int = DEFAULT_SHARDS):
+        return conf.getint("state_store", "max_value_storage_bytes", fallback=DEFAULT_MAX_VALUE_BYTES)
+    except ImportError:   # pragma: no cover - the engine without Airflow
+        return DEFAULT_MAX_VALUE_BYTES
+
+
+class SourceState:
+    """The per-source change-detection state, sharded over the store's keys; writes only changed shards.
+
+    Shards are sized to the inventory: when a shard to write would pass ``fill`` of the store's value limit
+    (``max_value_bytes``, as Airflow measures it: ``len(json.dumps(value))``), every device is spread over
+    enough shards (doubling) that each stays below half the limit, and the new count is recorded at once.
+    """
+
+    def __init__(self, store: StateStore, source: str, shards: int = DEFAULT_SHARDS,
+                 max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES, fill: float = 0.8):
         self.store, self.source = store, source
+        self.max_value_bytes, self.fill = max_value_bytes, fill
         self.meta: dict = store.get(self._meta_key(), None) or {}
         self.shards = int(self.meta.get("shards") or shards)
         self._data: list[dict] = [dict(store.get(self._shard_key(i), None) or {}) for i in range(self.shards)]
@@ -132,17 +156,64 @@ class SourceState:
     def __len__(self) -> int:
         return sum(len(s) for s in self._data)
 
+    def _size(self, index: int) -> int:
+        return len(json.dumps(self._data[index]))
+
+    def _fit(self) -> None:
+        """Grow the shard count when a changed shard comes near the store's value limit."""
+        limit = self.max_value_bytes
+        if limit <= 0 or not self._dirty or max(map(self._size, self._dirty)) <= limit * self.fill:
+            return
+        total = sum(map(self._size, range(self.shards)))
+        count = self.shards
+        while total / count > limit / 2:
+            count *= 2
+        entries = [e for shard in self._data for e in shard.items()]
+        old = self.shards
+        self.shards, self._data = count, [{} for _ in range(count)]
+        for device_id, entry in entries:
+            self._data[self._shard(device_id)][device_id] = entry
+        self._dirty = set(range(count))
+        log.info("State of %s: %d devices take about %d bytes; spread over %d shards (was %d) so that no value "
+                 "passes the state store's max_value_storage_bytes (%d)", self.source, len(entries), total, count,
+                 old, limit)
+        self._resharded = True
+
     def save(self) -> int:
         """Write the changed shards; returns how many."""
+        self._fit()
         for index in sorted(self._dirty):
             self.store.set(self._shard_key(index), self._data[index])
         written = len(self._dirty)
         self._dirty.clear()
+        if getattr(self, "_resharded", False):   # the shard count goes with the shards it describes
+            self._resharded = False
+            self.save_meta()
         return written
 
     def save_meta(self, **values: Any) -> None:
         self.meta = {**self.meta, "version": STATE_VERSION, "shards": self.shards, **values}
         self.store.set(self._meta_key(), self.meta)
+
+
+def record_failure(store: StateStore, source: str, failure: dict, *, kind: str | None = None) -> None:
+    """Mark ``<source>/meta`` failed (``last_outcome``, ``last_failure``); keeps everything else."""
+    meta = dict(store.get(f"{source}/meta", None) or {})
+    meta.update(last_outcome="failed", last_failure=failure, **({"kind": kind} if kind else {}))
+    store.set(f"{source}/meta", meta)
+
+
+def run_failures(store: StateStore | None, sources: Iterable[str], run_id: str | None) -> dict[str, str]:
+    """source -> why its sync failed in run ``run_id`` (from ``<source>/meta``; a plain reason if unrecorded)."""
+    out = {}
+    for source in sources:
+        meta = (store.get(f"{source}/meta", None) or {}) if store is not None else {}
+        failure = meta.get("last_failure") or {}
+        if meta.get("last_outcome") == "failed" and failure.get("run_id") == run_id and failure.get("message"):
+            out[source] = str(failure["message"])
+        else:
+            out[source] = "its task did not finish (see its log)"
+    return out
 
 
 # --------------------------------------------------------------------------- manufacturers
@@ -159,9 +230,24 @@ class ManufacturerResolver:
         self.servicenow, self.create, self.chunk = servicenow, create, chunk
         self.cache: dict[str, str | None] = {}
         self.created = 0
+        self.unavailable = False   # core_company cannot be read or written: devices go without manufacturer
 
     def resolve(self, names: Iterable[str]) -> dict[str, str | None]:
         missing = sorted({n for n in names if n and n not in self.cache})
+        if self.unavailable:
+            self.cache.update(dict.fromkeys(missing))
+            return self.cache
+        try:
+            self._resolve(missing)
+        except (ServiceNowForbiddenError, ServiceNowInvalidTableError) as exc:
+            self.unavailable = True
+            self.cache.update({n: self.cache.get(n) for n in missing})
+            log.warning("ServiceNow refused the table core_company (HTTP %s: %s): devices are synced without "
+                        "their manufacturer this run. Give the integration user read and create access to "
+                        "core_company to sync manufacturers.", exc.status, exc)
+        return self.cache
+
+    def _resolve(self, missing: list[str]) -> None:
         for part in self._parts(missing):
             query = "^OR".join("name=" + n.replace("^", "^^") for n in part)
             found: dict[str, str] = {}
@@ -174,7 +260,6 @@ class ManufacturerResolver:
                     self.created += 1
                     log.info("Created the manufacturer %r in core_company (%s)", name, sys_id)
                 self.cache[name] = sys_id
-        return self.cache
 
     def _parts(self, names: list[str], max_chars: int = 3000) -> Iterable[list[str]]:
         """Chunks of at most ``chunk`` names whose encoded query stays short (URL limits: 414)."""
@@ -273,18 +358,22 @@ def without_entries(item: dict, part: str, table: str) -> dict:
     return {**item, part: [e for e in item.get(part) or [] if e.get("className") != table]}
 
 
-def first_contact_item(item: dict) -> dict | None:
-    """The item to send for a device ServiceNow has not confirmed yet, when it has a serial or a MAC.
+def first_contact_item(item: dict, *, match_by_name: bool = False) -> dict | None:
+    """The item to send for a device ServiceNow has not confirmed yet.
 
     The IRE falls back to ``name`` when the serial/MAC lookups find nothing, and Defender names are often
     an IP or a label shared by devices at other sites: a name match would merge two devices. So the first
     contact carries the MAC (else the serial) as the name -- ServiceNow's own advice for CIs known by MAC --
-    and the real name follows in a second item, matched through ``sys_object_source``. None: no serial or
-    MAC, the item is sent as it is.
+    and the real name follows in a second item, matched through ``sys_object_source``. A device with no
+    serial or MAC of its own gets its source key (``<conn id>:<device id>``) as first name, so it gets a CI
+    of its own. ``match_by_name`` (opt-in, ``DEFENDER_SYNC_MATCH_BY_NAME``): such a device is sent as it
+    is and may join an existing CI of the same name. None: the item is sent as it is.
     """
     values = item["values"]
     macs = [x["values"]["mac_address"] for x in item["lookup"] if x["className"] == "cmdb_ci_network_adapter"]
     identifier = macs[0] if macs else values.get("serial_number")
+    if not identifier and not match_by_name:
+        identifier = item["sys_object_source_info"]["source_native_key"]
     if not identifier or values.get("name") == identifier:
         return None
     return {**item, "values": {**values, "name": identifier}}
@@ -305,7 +394,9 @@ class DeviceSync:
                  source_name: str, data_source: str, batch_size: int = 100, parallel: int = 4,
                  full_resync: bool = False, dry_run: bool = False, retire_after_missing_runs: int = 3,
                  shards: int = DEFAULT_SHARDS, last_seen_resolution_hours: int = 24,
-                 clock: Callable[[], datetime] | None = None):
+                 clock: Callable[[], datetime] | None = None, run_id: str | None = None,
+                 checkpoint_batches: int = 10, match_by_name: bool = False,
+                 max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES):
         if batch_size < 1 or parallel < 1 or retire_after_missing_runs < 1:
             raise ValueError("batch_size, parallel and retire_after_missing_runs must be at least 1")
         self.source, self.defender, self.servicenow = source, defender, servicenow
@@ -316,6 +407,8 @@ class DeviceSync:
         self.retire_after = retire_after_missing_runs
         self.shards, self.resolution = shards, last_seen_resolution_hours
         self.clock = clock or (lambda: datetime.now(timezone.utc))
+        self.run_id, self.checkpoint_batches, self.match_by_name = run_id, checkpoint_batches, match_by_name
+        self.max_value_bytes = max_value_bytes
         self._detail: Counter = Counter()
         self._claimed: dict[str, str] = {}   # serial/MAC -> the first device of this run that reported it
         self._refused: set[tuple[str, str, str]] = set()   # (class, related|lookup, table) without an IRE rule
@@ -325,8 +418,8 @@ class DeviceSync:
     def run(self) -> SyncSummary:
         started, t0 = self.clock(), time.monotonic()
         summary = SyncSummary(source=self.source, dry_run=self.dry_run, full_resync=self.full_resync)
-        self._claimed = {}
-        state = SourceState(self.store, self.source, self.shards)
+        self._claimed, self._collected, self._checkpoints = {}, 0, 0
+        state = SourceState(self.store, self.source, self.shards, self.max_value_bytes)
         mode = "dry run" if self.dry_run else ("full resync" if self.full_resync else "changes only")
         log.info("Syncing %s (%s, %s) into ServiceNow: %d devices recorded from earlier syncs, batches of %d, "
                  "%d in parallel", self.source, self.defender.appliance, mode, len(state), self.batch_size,
@@ -339,9 +432,10 @@ class DeviceSync:
         finally:
             summary.duration = time.monotonic() - t0
             if not self.dry_run:
-                written = state.save()
+                written = state.save() + self._checkpoints
                 if ok:
-                    state.save_meta(last_success=started.isoformat(),
+                    state.save_meta(last_success=started.isoformat(), kind=self.defender.appliance,
+                                    last_outcome="ok", missing_counted_for=self.run_id,
                                     counts={k: getattr(summary, k) for k in SyncSummary.COUNTS})
                 log.info("Recorded the state of %s: %d devices known, %d state shards written", self.source,
                          len(state), written)
@@ -448,7 +542,7 @@ class DeviceSync:
         item = self._without_refused_entries(item)   # after the digest: state stays what Defender reports
         pending = _Pending(device_id, digest, item["className"], item=item)
         if not (entry and entry[_SYS_ID]):
-            first = first_contact_item(item)
+            first = first_contact_item(item, match_by_name=self.match_by_name)
             if first is not None:   # identify by serial/MAC first; the full item follows once it is known
                 pending.follow_up, pending.item = item, first
                 return first, pending
@@ -480,7 +574,9 @@ class DeviceSync:
         return True
 
     def _collect(self, future: Future, pending: list[_Pending], state: SourceState, summary: SyncSummary) -> None:
-        """Apply one IRE answer: count, log per device, record the confirmed items."""
+        """Apply one IRE answer: count, log per device, record the confirmed items; every
+        ``checkpoint_batches`` answers the changed state shards are written (a killed worker re-sends
+        at most that much)."""
         result = future.result()
         by_index: dict[int, dict] = {}
         for position, item in enumerate(result.get("items") or []):
@@ -521,6 +617,9 @@ class DeviceSync:
                                     item.get("className") or p.class_name, 0, 0])
             if p.follow_up:
                 self._batch.append((p.follow_up, _Pending(p.device_id, p.digest, p.class_name, is_follow_up=True)))
+        self._collected += 1
+        if not self.dry_run and self._collected % self.checkpoint_batches == 0:
+            self._checkpoints += state.save()
         if data_source_errors and data_source_errors == len(pending):
             raise SyncConfigError(
                 f"ServiceNow rejected the data source {self.data_source!r} for every item "
@@ -531,8 +630,12 @@ class DeviceSync:
 
     def _retire(self, state: SourceState, summary: SyncSummary, present: set[str]) -> None:
         """Retire CIs of devices deleted on the source (only called after a complete, fully sent run)."""
+        counted = {}   # device id -> its new missing counter, applied once every retirement went through
         if self.defender.appliance == "management_console":
             candidates = self._deleted_on_console(state, present)
+        elif self.run_id is not None and state.meta.get("missing_counted_for") == self.run_id:
+            candidates = []   # a retry of a run that already counted the missing devices: count once per run
+            log.info("Missing devices of %s were already counted in this run (%s)", self.source, self.run_id)
         else:
             candidates = []
             for device_id, entry in state.items():
@@ -542,9 +645,7 @@ class DeviceSync:
                 if missing >= self.retire_after:
                     candidates.append(device_id)
                 elif not self.dry_run:
-                    state.put(device_id, [*entry[:_MISSING], missing, 0])
-                    log.info("Device %s of %s is missing from the inventory (%d of %d runs before it is "
-                             "retired)", device_id, self.source, missing, self.retire_after)
+                    counted[device_id] = missing
         shared = self._claimed_elsewhere(state, candidates)
         for device_id in candidates:
             entry = state.get(device_id)
@@ -566,10 +667,17 @@ class DeviceSync:
                     state.remove(device_id)
                     continue
                 raise
-            summary.retired += 1
-            state.put(device_id, [entry[_D], entry[_SYS_ID], entry[_CLASS], 0, 1])
-            self._detail_log("retired", "Retired device %s of %s: %s %s (install_status 7, operational_status 6)",
-                             device_id, self.source, entry[_CLASS], entry[_SYS_ID])
+            self._retired(state, device_id, entry, summary)
+        for device_id, missing in counted.items():   # only after a retirement pass that went through
+            state.put(device_id, [*state.get(device_id)[:_MISSING], missing, 0])
+            log.info("Device %s of %s is missing from the inventory (%d of %d runs before it is retired)",
+                     device_id, self.source, missing, self.retire_after)
+
+    def _retired(self, state: SourceState, device_id: str, entry: list, summary: SyncSummary) -> None:
+        summary.retired += 1
+        state.put(device_id, [entry[_D], entry[_SYS_ID], entry[_CLASS], 0, 1])
+        self._detail_log("retired", "Retired device %s of %s: %s %s (install_status 7, operational_status 6)",
+                         device_id, self.source, entry[_CLASS], entry[_SYS_ID])
 
     def _claimed_elsewhere(self, state: SourceState, candidates: list[str]) -> dict[str, tuple[list[str], list[str]]]:
         """Candidates whose CI another source also reports (another sensor, another discovery tool):
@@ -605,6 +713,13 @@ class DeviceSync:
             return
         for row_id in own_rows:
             self.servicenow.delete_record("sys_object_source", row_id)
+        # Another source may have released its claim at the same moment: whoever deletes last sees no claim
+        # left and retires the CI, so it never stays installed with nobody reporting it.
+        left = self.servicenow.query_in("sys_object_source", "target_sys_id", [entry[_SYS_ID]], fields=["sys_id"])
+        if not left:
+            self.servicenow.update_record(entry[_CLASS], entry[_SYS_ID], dict(RETIRED))
+            self._retired(state, device_id, entry, summary)
+            return
         state.remove(device_id)
         summary.released += 1
         self._detail_log("released", "Device %s of %s is gone from this source, but its CI (%s %s) is still "
