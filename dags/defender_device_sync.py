@@ -82,7 +82,7 @@ Identification and Reconciliation Engine (connection `{SERVICENOW_CONN_ID}`). Ru
                                          "clean-up in retire mode)."),
         "dry_run": Param(False, type="boolean", title="Dry run",
                          description="Report what would be sent and retired; write nothing."),
-        "sources": Param([], type="array", items={"type": "string"}, title="Sources",
+        "sources": Param([], type=["null", "array"], items={"type": "string"}, title="Sources",
                          description="Defender connection ids to sync; empty = all of DEFENDER_SOURCES "
                                      f"({', '.join(SOURCES)})."),
     },
