@@ -81,8 +81,9 @@ def _parse_params(params: dict) -> dict:
                                    "they were created. Empty: forward what is new since the last run."),
         "until": Param(None, type=["null", "string"], title="Replay until (ISO-8601)",
                        description="End of the replay window (default: now). Needs since."),
-        "dry_run": Param(False, type="boolean", description="Report what would be forwarded; write nothing."),
-        "sources": Param([], type="array", items={"type": "string"},
+        "dry_run": Param(False, type="boolean", title="Dry run",
+                         description="Report what would be forwarded; write nothing."),
+        "sources": Param([], type=["null", "array"], items={"type": "string"}, title="Sources",
                          description="Defender connection ids to read; empty = all of DEFENDER_SOURCES."),
     },
 )

@@ -106,7 +106,7 @@ def _failure(context, message: str) -> dict:
                                          "clean-up in retire mode)."),
         "dry_run": Param(False, type="boolean", title="Dry run",
                          description="Report what would be sent and retired; write nothing."),
-        "sources": Param([], type="array", items={"type": "string"}, title="Sources",
+        "sources": Param([], type=["null", "array"], items={"type": "string"}, title="Sources",
                          description="Defender connection ids to sync; empty = all of DEFENDER_SOURCES "
                                      f"({', '.join(SOURCES)})."),
     },

@@ -33,17 +33,17 @@ SERVICENOW_CONN_ID = settings.servicenow_conn_id()
     tags=["defender-iot", "servicenow", "cleanup"],
     doc_md=__doc__,
     params={
-        "scope": Param("both", enum=["devices", "alerts", "both"],
+        "scope": Param("both", enum=["devices", "alerts", "both"], title="Scope",
                        description="devices (CMDB CIs), alerts (incidents, application rows), or both"),
-        "mode": Param("retire", enum=["retire", "delete"],
+        "mode": Param("retire", enum=["retire", "delete"], title="Mode",
                       description="retire: CIs retired, open incidents closed; delete: records deleted"),
-        "sources": Param([], type="array", items={"type": "string"},
+        "sources": Param([], type=["null", "array"], items={"type": "string"}, title="Sources",
                          description="Defender connection ids; empty = everything this integration wrote, "
                                      "also from sources no longer configured"),
-        "older_than_days": Param(None, type=["null", "integer"], minimum=1,
+        "older_than_days": Param(None, type=["null", "integer"], minimum=1, title="Older than (days)",
                                  description="only records last updated more than this many days ago"),
-        "dry_run": Param(True, type="boolean", description="only list what would change"),
-        "confirm": Param("", type=["null", "string"],
+        "dry_run": Param(True, type="boolean", title="Dry run", description="only list what would change"),
+        "confirm": Param("", type=["null", "string"], title="Confirm (instance host name)",
                          description="for a run that writes: the ServiceNow instance host name"),
     },
 )

@@ -102,6 +102,8 @@ def print_banner(stack: Stack, args) -> None:
 Everything is running.
 
   Airflow UI          {stack.api_url}
+  Sync health page    {stack.api_url}/plugin/defender-servicenow   (nav: Defender ⇄ ServiceNow; JSON at
+                      {stack.api_url}/defender-servicenow/api/health)
   Login               admin / {stack.password}   (also in {home / 'passwords.json'})
   ServiceNow (sim)    {stack.sn_url}/sim/   the CMDB CIs and the incidents the DAGs wrote
   Defender (sim)      {stack.defender_url}/sim/state   management console, {args.devices} devices on 2 sensors{

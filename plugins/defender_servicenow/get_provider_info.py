@@ -54,7 +54,7 @@ def get_provider_info() -> dict:
                         "or basic (default otherwise)",
                         "schema": {
                             "type": ["string", "null"],
-                            "enum": ["oauth_password", "oauth_client_credentials", "basic", None],
+                            "enum": ["oauth_password", "oauth_client_credentials", "basic"],
                         },
                     },
                     "verify": _VERIFY,

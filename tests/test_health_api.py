@@ -1,0 +1,104 @@
+"""The health page's routes inside Airflow's own API server app (in-process): auth, JSON shape, no secrets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.airflow_db
+
+SECRETS = ["sn-password-Zq81", "sn-client-secret-Kx22", "defender-token-Pw93"]
+
+
+@pytest.fixture
+def client(airflow_db, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setenv("DEFENDER_SOURCES", "sensor_ok,sensor_bad")
+    monkeypatch.setenv("SERVICENOW_CONN_ID", "servicenow_default")
+    monkeypatch.setenv("AIRFLOW_CONN_SENSOR_OK", json.dumps(
+        {"conn_type": "defender_iot", "host": "https://10.0.0.1", "password": SECRETS[2],
+         "extra": {"appliance": "sensor"}}))
+    monkeypatch.setenv("AIRFLOW_CONN_SERVICENOW_DEFAULT", json.dumps(
+        {"conn_type": "servicenow", "host": "https://sn.example", "login": "u", "password": SECRETS[0],
+         "extra": {"client_id": "c", "client_secret": SECRETS[1]}}))
+    from airflow.api_fastapi.app import create_app
+
+    with TestClient(create_app("core"), base_url="http://testserver") as test_client:
+        yield test_client
+
+
+def _token() -> str:
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    return get_auth_manager().generate_jwt(SimpleAuthManagerUser(username="admin", role="admin"))
+
+
+def _record_state(sync_meta: dict) -> None:
+    """Write ``sensor_ok/meta`` as the device sync would (through the state backend)."""
+    from airflow._shared.state import AssetStateStoreWriterKind
+    from airflow.models.asset import AssetActive, AssetModel
+    from airflow.state import AssetScope
+    from airflow.state.metastore import MetastoreBackend
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        asset = session.scalar(select(AssetModel).where(AssetModel.name == "defender_device_sync_state"))
+        if asset is None:
+            asset = AssetModel(name="defender_device_sync_state", uri="defender_device_sync_state")
+            session.add(asset)
+            session.flush()
+            session.add(AssetActive.for_asset(asset))
+            session.flush()
+        MetastoreBackend().set_asset_state_store(AssetScope(asset_id=asset.id), "sensor_ok/meta",
+                                                 json.dumps(sync_meta), kind=AssetStateStoreWriterKind.API,
+                                                 session=session)
+
+
+@pytest.mark.parametrize("path", ["/defender-servicenow/", "/defender-servicenow/api/health"])
+def test_anonymous_and_forged_tokens_are_refused(client, path):
+    assert client.get(path).status_code == 401
+    assert client.get(path, headers={"Authorization": "Bearer not-a-jwt"}).status_code == 403
+    assert client.get(path, cookies={"_token": "forged"}).status_code == 403
+
+
+def test_logged_in_user_gets_the_json_and_no_secret(client):
+    from datetime import datetime, timezone
+
+    _record_state({"last_success": datetime.now(timezone.utc).isoformat(), "last_outcome": "ok",
+                   "counts": {"seen": 3, "inserted": 3}})
+    resp = client.get("/defender-servicenow/api/health", headers={"Authorization": f"Bearer {_token()}"})
+    assert resp.status_code == 200, resp.text
+    doc = resp.json()
+    assert set(doc) == {"generated_at", "sources", "servicenow"}
+    by_id = {s["id"]: s for s in doc["sources"]}
+    assert list(by_id) == ["sensor_ok", "sensor_bad"]
+    ok = by_id["sensor_ok"]
+    assert set(ok) == {"id", "kind", "status", "last_sync", "last_counts", "last_failure", "alerts"}
+    assert ok["status"] == "ok" and ok["kind"] == "sensor" and ok["last_counts"]["seen"] == 3
+    assert by_id["sensor_bad"]["status"] == "never" and by_id["sensor_bad"]["kind"] is None
+    assert doc["servicenow"] == {"id": "servicenow_default", "status": "unknown"}
+    assert not [s for s in SECRETS if s in resp.text]
+
+
+def test_the_ui_session_cookie_opens_the_page_without_secrets(client):
+    resp = client.get("/defender-servicenow/", cookies={"_token": _token()})
+    assert resp.status_code == 200, resp.text
+    html = resp.text
+    assert "Defender ⇄ ServiceNow" in html and 'data-source="sensor_ok"' in html and 'data-source="sensor_bad"' in html
+    assert 'href="/dags/defender_device_sync"' in html
+    assert not [s for s in SECRETS if s in html]
+    assert _token() not in html
+
+
+def test_navigation_entry_is_registered_once(client):
+    resp = client.get("/api/v2/plugins", headers={"Authorization": f"Bearer {_token()}"})
+    plugins = [p for p in resp.json()["plugins"] if p["name"] == "defender_servicenow"]
+    assert len(plugins) == 1
+    assert plugins[0]["external_views"][0]["name"] == "Defender ⇄ ServiceNow"
+    assert plugins[0]["fastapi_apps"][0]["url_prefix"] == "/defender-servicenow"
+    errors = client.get("/api/v2/plugins/importErrors", headers={"Authorization": f"Bearer {_token()}"}).json()
+    assert errors["total_entries"] == 0, errors
