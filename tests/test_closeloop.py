@@ -33,7 +33,7 @@ def forwarded(defender_sim_factory, servicenow_conn):
     alerts = d.sim.add_alerts(3, severity="Major", engine="Anomaly", title="Address Scan Detected")
     (report,) = forwarder(rules, state).run([CONN])
     assert report.created == 3
-    incidents = {r["correlation_id"].rsplit(":", 1)[1]: r for r in servicenow_conn.sim.table("incident")}
+    incidents = {r["correlation_id"].rsplit(":", 1)[1].split("@")[0]: r for r in servicenow_conn.sim.table("incident")}
     return d, servicenow_conn, rules, state, alerts, incidents
 
 

@@ -21,7 +21,12 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowNotFoundException
 
-from defender_servicenow.exceptions import DefenderError, IntegrationError
+from defender_servicenow.exceptions import (
+    DefenderAuthError,
+    DefenderError,
+    IntegrationError,
+    ServiceNowAuthError,
+)
 from defender_servicenow.forwarding import CORRELATION_DISPLAY, StateStore, correlation_id
 from defender_servicenow.models import Alert
 from defender_servicenow.rules import RuleSet
@@ -46,6 +51,7 @@ class CloseLoopReport:
     already: int = 0           # alerts no longer unhandled (handled in Defender or by an earlier run)
     failures: list[str] = field(default_factory=list)
     skipped: str | None = None
+    credentials_rejected: bool = False   # a 401/403: not retried (it could lock the user out)
 
     def line(self) -> str:
         if self.skipped:
@@ -87,6 +93,7 @@ def handle_closed_alerts(rules: RuleSet, state: StateStore, sources: Sequence[st
                     state.set(key, max(row.get("sys_updated_on") or "" for row in rows))
         except (IntegrationError, DefenderError, AirflowNotFoundException) as exc:
             report.failures.append(str(exc))
+            report.credentials_rejected |= isinstance(exc, (DefenderAuthError, ServiceNowAuthError))
         log.info("Closed loop %s", report.line())
         for failure in report.failures[:20]:
             log.error("Closed loop %s: %s", source, failure)
@@ -104,7 +111,7 @@ def _closed_since(hook, table: str, source: str, watermark: str | None) -> list[
 
 
 def _handle_one(dhook, row: dict, unhandled: dict[int, Alert], action: str, report: CloseLoopReport) -> None:
-    raw = str(row.get("correlation_id") or "").rsplit(":", 1)[-1]
+    raw = str(row.get("correlation_id") or "").rsplit(":", 1)[-1].split("@", 1)[0]
     try:
         alert = unhandled.get(int(raw))
     except ValueError:
@@ -115,6 +122,8 @@ def _handle_one(dhook, row: dict, unhandled: dict[int, Alert], action: str, repo
         return
     try:
         dhook.handle_alert(alert.uuid, action)
+    except DefenderAuthError:
+        raise
     except DefenderError as exc:
         report.failures.append(f"{row.get('number')} (alert {alert.id}): {exc}")
         return

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import requests
 from airflow.sdk import BaseHook
 
+from defender_servicenow.alert_parsing import parse_alert_safely
 from defender_servicenow.exceptions import (
     ConfigError,
     DefenderAuthError,
@@ -43,7 +44,6 @@ from defender_servicenow.models import (
     InvalidRecord,
     datetime_to_ms,
     merge_v1_extras,
-    parse_alert,
     parse_device,
     parse_v3_device,
     v1_extras,
@@ -522,7 +522,7 @@ class DefenderIoTHook(BaseHook):
             raise DefenderBadResponseError(f"{self.base_url} answered {path} with a {type(body).__name__}, "
                                            "not the documented list of alerts")
         handled = None if state is None else state == "handled"
-        records = [parse_alert(raw, source=self.defender_conn_id, sensor_name=self.appliance_name
+        records = [parse_alert_safely(raw, source=self.defender_conn_id, sensor_name=self.appliance_name
                                if self.appliance == SENSOR else None, sensor_names=sensor_names, handled=handled,
                                derive_uuid=self.appliance == MANAGEMENT_CONSOLE)
                    for raw in body]
