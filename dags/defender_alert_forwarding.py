@@ -33,6 +33,10 @@ ALERTS = Asset(
 )
 
 
+AUTH = Asset(name="defender_servicenow_auth")   # lock-out guard state (hooks/lockout.py)
+SN_COOLDOWN = settings.servicenow_auth_cooldown_minutes()
+DEFENDER_COOLDOWN = settings.defender_auth_cooldown_minutes()
+RECONCILE_HOURS = settings.alert_reconcile_hours()   # validated at parse time
 SAFETY_RUN_MINUTES = settings.alert_safety_run_minutes()
 HANDLE_ON_CLOSE = settings.handle_alerts_on_close()   # None = off
 SCHEDULE = (AssetOrTimeSchedule(assets=[ALERTS], timetable=DeltaTriggerTimetable(timedelta(minutes=SAFETY_RUN_MINUTES)))
@@ -87,7 +91,7 @@ def _parse_params(params: dict) -> dict:
     },
 )
 def defender_alert_forwarding():
-    @task(inlets=[ALERTS], retries=1, retry_delay=timedelta(seconds=30), execution_timeout=timedelta(hours=1))
+    @task(inlets=[ALERTS, AUTH], retries=1, retry_delay=timedelta(seconds=30), execution_timeout=timedelta(hours=1))
     def forward_alerts(source: str, params=None, asset_state_store=None, ti=None) -> dict:
         """One source (a mapped task per source, so one failing source never delays the others): read its
         alerts of the reconcile window, apply the rules, create the missing ServiceNow records."""
@@ -95,8 +99,10 @@ def defender_alert_forwarding():
         from defender_servicenow import forwarding
         from defender_servicenow.exceptions import ConfigError
         from defender_servicenow.hooks.defender import DefenderIoTHook
+        from defender_servicenow.hooks.lockout import AuthGuard
         from defender_servicenow.hooks.servicenow import ServiceNowHook
 
+        auth = asset_state_store[AUTH]
         try:
             options = _parse_params(params or {})
         except ConfigError as exc:  # a bad trigger param: retrying cannot help
@@ -108,9 +114,12 @@ def defender_alert_forwarding():
                    "try_number": getattr(ti, "try_number", None)}
         forwarder = forwarding.AlertForwarder(
             RULES, asset_state_store[ALERTS], dry_run=options["dry_run"], failure_context=context,
-            defender_hook=DefenderIoTHook,
+            reconcile_hours=RECONCILE_HOURS,
+            defender_hook=lambda conn_id: DefenderIoTHook(conn_id, auth_guard=AuthGuard(
+                auth, "defender", conn_id, cooldown_minutes=DEFENDER_COOLDOWN)),
             servicenow_hook=lambda conn_id: ServiceNowHook(
-                conn_id, max_retry_time=forwarding.SERVICENOW_MAX_RETRY_SECONDS),
+                conn_id, max_retry_time=forwarding.SERVICENOW_MAX_RETRY_SECONDS, auth_guard=AuthGuard(
+                    auth, "servicenow", conn_id, cooldown_minutes=SN_COOLDOWN)),
         )
         (report,) = forwarder.run([source], since=options["since"], until=options["until"])
         try:
