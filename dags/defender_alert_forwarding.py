@@ -33,6 +33,10 @@ ALERTS = Asset(
 )
 
 
+AUTH = Asset(name="defender_servicenow_auth")   # lock-out guard state (hooks/lockout.py)
+SN_COOLDOWN = settings.servicenow_auth_cooldown_minutes()
+DEFENDER_COOLDOWN = settings.defender_auth_cooldown_minutes()
+RECONCILE_HOURS = settings.alert_reconcile_hours()   # validated at parse time
 SAFETY_RUN_MINUTES = settings.alert_safety_run_minutes()
 HANDLE_ON_CLOSE = settings.handle_alerts_on_close()   # None = off
 SCHEDULE = (AssetOrTimeSchedule(assets=[ALERTS], timetable=DeltaTriggerTimetable(timedelta(minutes=SAFETY_RUN_MINUTES)))
@@ -88,39 +92,51 @@ def _parse_params(params: dict) -> dict:
     },
 )
 def defender_alert_forwarding():
-    @task(inlets=[ALERTS], retries=6, retry_delay=timedelta(seconds=30), retry_exponential_backoff=True,
-          max_retry_delay=timedelta(minutes=15), execution_timeout=timedelta(hours=1))
-    def forward_alerts(params=None, asset_state_store=None) -> list[dict]:
-        """Read new alerts from every source, apply the rules, create the ServiceNow records."""
-        from airflow.sdk.exceptions import AirflowFailException
+    @task(inlets=[ALERTS, AUTH], retries=1, retry_delay=timedelta(seconds=30), execution_timeout=timedelta(hours=1))
+    def forward_alerts(source: str, params=None, asset_state_store=None, ti=None) -> dict:
+        """One source (a mapped task per source, so one failing source never delays the others): read its
+        alerts of the reconcile window, apply the rules, create the missing ServiceNow records."""
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
         from defender_servicenow import forwarding
         from defender_servicenow.exceptions import ConfigError
         from defender_servicenow.hooks.defender import DefenderIoTHook
+        from defender_servicenow.hooks.lockout import AuthGuard
         from defender_servicenow.hooks.servicenow import ServiceNowHook
 
+        auth = asset_state_store[AUTH]
         try:
             options = _parse_params(params or {})
         except ConfigError as exc:  # a bad trigger param: retrying cannot help
             raise AirflowFailException(str(exc)) from None
+        if source not in options["sources"]:
+            raise AirflowSkipException(f"{source} is not among the sources of this run (param sources)")
+        context = {"dag_id": getattr(ti, "dag_id", None), "run_id": getattr(ti, "run_id", None),
+                   "task_id": getattr(ti, "task_id", None), "map_index": getattr(ti, "map_index", None),
+                   "try_number": getattr(ti, "try_number", None)}
         forwarder = forwarding.AlertForwarder(
-            RULES, asset_state_store[ALERTS], dry_run=options["dry_run"],
-            defender_hook=DefenderIoTHook,
+            RULES, asset_state_store[ALERTS], dry_run=options["dry_run"], failure_context=context,
+            reconcile_hours=RECONCILE_HOURS,
+            defender_hook=lambda conn_id: DefenderIoTHook(conn_id, auth_guard=AuthGuard(
+                auth, "defender", conn_id, cooldown_minutes=DEFENDER_COOLDOWN)),
             servicenow_hook=lambda conn_id: ServiceNowHook(
-                conn_id, max_retry_time=forwarding.SERVICENOW_MAX_RETRY_SECONDS),
+                conn_id, max_retry_time=forwarding.SERVICENOW_MAX_RETRY_SECONDS, auth_guard=AuthGuard(
+                    auth, "servicenow", conn_id, cooldown_minutes=SN_COOLDOWN)),
         )
-        reports = forwarder.run(options["sources"], since=options["since"], until=options["until"])
+        (report,) = forwarder.run([source], since=options["since"], until=options["until"])
         try:
-            forwarding.raise_if_incomplete(reports)
+            forwarding.raise_if_incomplete([report])
         except forwarding.ForwardingCredentialsError as exc:  # no retry: it could lock the user out
             raise AirflowFailException(str(exc)) from None
-        return [r.as_dict() for r in reports]
+        return report.as_dict()
 
-    forwarded = forward_alerts()
+    forwarded = forward_alerts.expand(source=SOURCES)
 
     if HANDLE_ON_CLOSE:
         @task(inlets=[ALERTS], retries=3, retry_delay=timedelta(minutes=1), retry_exponential_backoff=True,
               trigger_rule="all_done")
         def handle_closed_alerts(params=None, asset_state_store=None) -> list[str]:
+            from airflow.sdk.exceptions import AirflowFailException
+
             """Closed loop: alerts of incidents closed in ServiceNow are handled on the management console."""
             from airflow.sdk.exceptions import AirflowException
             from defender_servicenow.closeloop import handle_closed_alerts as run_close_loop
@@ -133,6 +149,9 @@ def defender_alert_forwarding():
             reports = run_close_loop(RULES, asset_state_store[ALERTS], [s for s in sources if s in SOURCES],
                                      action=HANDLE_ON_CLOSE, defender_hook=DefenderIoTHook,
                                      servicenow_hook=ServiceNowHook)
+            if any(r.credentials_rejected for r in reports):   # a 401 is not retried: it could lock the user out
+                raise AirflowFailException("Credentials were rejected while handling alerts of closed incidents "
+                                           "(not retried): " + "; ".join(f for r in reports for f in r.failures[:5]))
             if any(r.failures for r in reports):
                 raise AirflowException("Some alerts of closed incidents could not be handled: "
                                        + "; ".join(f for r in reports for f in r.failures[:5]))

@@ -467,7 +467,8 @@ class Stack(Managed):
         for rec in self.sn_records("incident"):
             corr = str(rec.get("correlation_id") or "")
             if corr.startswith("defender-iot:"):
-                grouped.setdefault(corr.removeprefix("defender-iot:"), []).append(rec)
+                # keys are <conn id>:<alert id>@<alert time ms>; group by <conn id>:<alert id>
+                grouped.setdefault(corr.removeprefix("defender-iot:").split("@", 1)[0], []).append(rec)
         return grouped
 
 

@@ -68,7 +68,7 @@ def test_sensor_incidents_exactly_once_with_overlapping_replay(airflow_db, defen
     new = d.sim.add_alerts(3, severity="Critical", engine="Malware", title="Suspicion of Malicious Activity")
     assert run(dag).state == "success"
     incidents = servicenow_conn.sim.table("incident")
-    assert keys(incidents, "correlation_id") == Counter(f"defender-iot:defender_dag_sensor:{a['id']}" for a in new)
+    assert keys(incidents, "correlation_id") == Counter(f"defender-iot:defender_dag_sensor:{a['id']}@{a['time']}" for a in new)
     assert all(i["correlation_display"] == "Microsoft Defender for IoT" and i["impact"] == "1" for i in incidents)
 
     # The same run again: nothing new, nothing duplicated.
@@ -81,7 +81,7 @@ def test_sensor_incidents_exactly_once_with_overlapping_replay(airflow_db, defen
                sources=["defender_dag_sensor"]).state == "success"
     counts = keys(servicenow_conn.sim.table("incident"), "correlation_id")
     assert set(counts.values()) == {1}
-    assert set(counts) == {f"defender-iot:defender_dag_sensor:{a['id']}" for a in history + new}
+    assert set(counts) == {f"defender-iot:defender_dag_sensor:{a['id']}@{a['time']}" for a in history + new}
 
 
 def test_console_application_table_outage_then_recovery(airflow_db, defender_sim_factory, servicenow_conn,
@@ -108,8 +108,8 @@ def test_console_application_table_outage_then_recovery(airflow_db, defender_sim
     later = d.sim.add_alerts(1, severity="Critical", engine="Malware", title="Suspicion of Malicious Activity")
     assert run(dag).state == "success"
     rows = sim.table("u_defender_iot_alert")
-    assert keys(rows, "u_alert_key") == Counter(f"defender_dag_cm:{a['id']}" for a in first + later)
-    row = next(r for r in rows if r["u_alert_key"] == f"defender_dag_cm:{later[0]['id']}")
+    assert keys(rows, "u_alert_key") == Counter(f"defender_dag_cm:{a['id']}@{a['time']}" for a in first + later)
+    row = next(r for r in rows if r["u_alert_key"] == f"defender_dag_cm:{later[0]['id']}@{later[0]['time']}")
     assert row["u_severity"] == "Critical" and row["u_site_name"] == later[0]["siteName"]
     assert sim.table("incident") == []
 
@@ -149,7 +149,7 @@ def test_closed_loop_handles_alerts_of_closed_incidents(airflow_db, defender_sim
     alerts = d.sim.add_alerts(2, severity="Major", engine="Anomaly", title="Address Scan Detected")
     assert run(dag).state == "success"
     incident = next(i for i in servicenow_conn.sim.table("incident")
-                    if i["correlation_id"].endswith(f":{alerts[0]['id']}"))
+                    if i["correlation_id"].endswith(f":{alerts[0]['id']}@{alerts[0]['time']}"))
     ServiceNowHook("servicenow_default").update_record("incident", incident["sys_id"], {
         "state": "7", "close_code": "Solved (Permanently)", "close_notes": "done"})
     assert run(dag).state == "success"

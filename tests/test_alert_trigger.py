@@ -141,7 +141,7 @@ async def test_a_bad_connection_setting_is_reported_as_such(defender_sim_factory
     event = await next_event(make_trigger(["defender_badtimeout", "defender_ok2"], store))
     assert list(event.payload["sources"]) == ["defender_ok2"]
     out = "".join(capfd.readouterr())
-    assert "connection settings: connection 'defender_badtimeout': extra 'timeout' must be a number" in out
+    assert "connection settings: Connection 'defender_badtimeout': extra timeout='soon' is not a number" in out
     assert good.token not in out
 
 

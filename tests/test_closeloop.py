@@ -33,7 +33,7 @@ def forwarded(defender_sim_factory, servicenow_conn):
     alerts = d.sim.add_alerts(3, severity="Major", engine="Anomaly", title="Address Scan Detected")
     (report,) = forwarder(rules, state).run([CONN])
     assert report.created == 3
-    incidents = {r["correlation_id"].rsplit(":", 1)[1]: r for r in servicenow_conn.sim.table("incident")}
+    incidents = {r["correlation_id"].rsplit(":", 1)[1].split("@")[0]: r for r in servicenow_conn.sim.table("incident")}
     return d, servicenow_conn, rules, state, alerts, incidents
 
 
@@ -81,3 +81,39 @@ def test_sensors_are_skipped_and_refusals_are_retried(forwarded, defender_sim_fa
 def test_unknown_action_is_refused():
     with pytest.raises(ValueError, match="handleAndLearn"):
         handle_closed_alerts(rules_with(), DictState(), [], action="close", defender_hook=None, servicenow_hook=None)
+
+
+def test_only_our_incidents_closed_by_a_person_are_acted_on(forwarded):
+    """Case 9: a retire-mode clean-up closes incidents with its own close notes: their alerts are not handled
+    (that would learn their traffic into the baseline); an incident someone else created with our
+    correlation_id is ignored too; both are counted."""
+    from defender_servicenow.cleanup import CLOSE_NOTES
+
+    d, sn, rules, state, alerts, incidents = forwarded
+    ServiceNowHook("servicenow_default").update_record("incident", incidents[str(alerts[0]["id"])]["sys_id"], {
+        "state": "7", "close_code": "Closed/Resolved by Caller", "close_notes": CLOSE_NOTES})
+    forged = sn.sim.insert("incident", {"correlation_id": incidents[str(alerts[1]["id"])]["correlation_id"],
+                                        "correlation_display": "Microsoft Defender for IoT", "state": "7",
+                                        })
+    assert forged["sys_created_by"] != "admin"   # not the integration user (SIM_USER)
+    (report,) = run(rules, state, action="handleAndLearn")
+    assert (report.handled, report.ignored) == (0, 2)
+    assert [d.sim.alert_by_uuid(a["uuid"])["state"] for a in alerts] == ["unhandled"] * 3
+
+
+def test_the_unhandled_listing_is_bounded_by_time(forwarded):
+    """Case 11: the console's unhandled alerts are listed from the closed incidents' alert times only."""
+    d, sn, rules, state, alerts, incidents = forwarded
+    close(incidents[str(alerts[0]["id"])])
+    seen = []
+    real = DefenderIoTHook.get_alerts
+
+    def spy(self, *args, **kw):
+        seen.append(kw.get("from_time"))
+        return real(self, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DefenderIoTHook, "get_alerts", spy)
+        (report,) = run(rules, state)
+    assert report.handled == 1 and seen and seen[0] is not None
+    assert int(seen[0].timestamp() * 1000) == alerts[0]["time"] - 60_000

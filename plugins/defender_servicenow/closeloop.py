@@ -21,9 +21,14 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowNotFoundException
 
-from defender_servicenow.exceptions import DefenderError, IntegrationError
+from defender_servicenow.exceptions import (
+    DefenderAuthError,
+    DefenderError,
+    IntegrationError,
+    ServiceNowAuthError,
+)
 from defender_servicenow.forwarding import CORRELATION_DISPLAY, StateStore, correlation_id
-from defender_servicenow.models import Alert
+from defender_servicenow.models import Alert, ms_to_datetime
 from defender_servicenow.rules import RuleSet
 
 log = logging.getLogger(__name__)
@@ -31,6 +36,7 @@ log = logging.getLogger(__name__)
 # Closed task states per table (servicenow-api.md §6): incident Resolved/Closed, security incident Closed.
 CLOSED_STATES = {"incident": ("6", "7"), "sn_si_incident": ("3",)}
 ACTIONS = ("handle", "handleAndLearn")
+CLEANUP_CLOSE_NOTES_PREFIX = "Closed by the defender_servicenow_cleanup DAG"   # cleanup.CLOSE_NOTES
 
 
 def scan_key(source: str, connection_id: str, table: str) -> str:
@@ -46,12 +52,15 @@ class CloseLoopReport:
     already: int = 0           # alerts no longer unhandled (handled in Defender or by an earlier run)
     failures: list[str] = field(default_factory=list)
     skipped: str | None = None
+    ignored: int = 0           # closed incidents not ours, or closed by the clean-up DAG
+    credentials_rejected: bool = False   # a 401/403: not retried (it could lock the user out)
 
     def line(self) -> str:
         if self.skipped:
             return f"{self.source}: skipped ({self.skipped})"
         return (f"{self.source}: {self.closed} closed incidents, {self.handled} alerts handled, "
-                f"{self.already} already handled, {len(self.failures)} failed")
+                f"{self.already} already handled, {self.ignored} ignored (not created by this integration, or closed "
+                f"by the clean-up), {len(self.failures)} failed")
 
 
 def handle_closed_alerts(rules: RuleSet, state: StateStore, sources: Sequence[str], *, action: str,
@@ -74,12 +83,19 @@ def handle_closed_alerts(rules: RuleSet, state: StateStore, sources: Sequence[st
             unhandled: dict[int, Alert] | None = None
             for conn, table in destinations:
                 key = scan_key(source, conn, table)
-                rows = _closed_since(servicenow_hook(conn), table, source, state.get(key))
+                hook = servicenow_hook(conn)
+                every = _closed_since(hook, table, source, state.get(key))
+                rows = [row for row in every if _ours_closed_by_a_person(hook, row)]
+                report.ignored += len(every) - len(rows)
                 if not rows:
+                    if every:
+                        state.set(key, max(row.get("sys_updated_on") or "" for row in every))
                     continue
                 report.closed += len(rows)
-                if unhandled is None:   # one listing per run, only when something was closed
-                    unhandled = {a.id: a for a in dhook.get_alerts(state="unhandled") if isinstance(a, Alert)}
+                if unhandled is None:   # one listing per run, only when something was closed, time-bounded
+                    since = _earliest_alert_time(rows)
+                    unhandled = {a.id: a for a in dhook.get_alerts(state="unhandled", from_time=since)
+                                 if isinstance(a, Alert)}
                 failed_before = len(report.failures)
                 for row in rows:
                     _handle_one(dhook, row, unhandled, action, report)
@@ -87,6 +103,7 @@ def handle_closed_alerts(rules: RuleSet, state: StateStore, sources: Sequence[st
                     state.set(key, max(row.get("sys_updated_on") or "" for row in rows))
         except (IntegrationError, DefenderError, AirflowNotFoundException) as exc:
             report.failures.append(str(exc))
+            report.credentials_rejected |= isinstance(exc, (DefenderAuthError, ServiceNowAuthError))
         log.info("Closed loop %s", report.line())
         for failure in report.failures[:20]:
             log.error("Closed loop %s: %s", source, failure)
@@ -100,11 +117,33 @@ def _closed_since(hook, table: str, source: str, watermark: str | None) -> list[
     if watermark:
         query += f"^sys_updated_on>={watermark}"
     return hook.query(table, query + "^ORDERBYsys_updated_on",
-                      fields=["number", "correlation_id", "state", "sys_updated_on"])
+                      fields=["number", "correlation_id", "state", "sys_updated_on", "sys_created_by",
+                              "close_notes"])
+
+
+def _ours_closed_by_a_person(hook, row: dict) -> bool:
+    """Created by this integration (``sys_created_by`` = the connection's user, when it has one) and not
+    closed by the clean-up DAG (which closes with its own close notes)."""
+    if str(row.get("close_notes") or "").startswith(CLEANUP_CLOSE_NOTES_PREFIX):
+        return False
+    user = getattr(getattr(hook, "settings", None), "username", None)
+    return not user or row.get("sys_created_by") == user
+
+
+def _earliest_alert_time(rows: Sequence[dict]):
+    """The earliest alert time named by the incidents' keys (``...:<id>@<time ms>``), less a minute; None
+    (no bound) when a key has no time (records written before the re-image-proof keys)."""
+    times = []
+    for row in rows:
+        tail = str(row.get("correlation_id") or "").rsplit("@", 1)
+        if len(tail) != 2 or not tail[1].isdigit():
+            return None
+        times.append(int(tail[1]))
+    return ms_to_datetime(min(times) - 60_000) if times else None
 
 
 def _handle_one(dhook, row: dict, unhandled: dict[int, Alert], action: str, report: CloseLoopReport) -> None:
-    raw = str(row.get("correlation_id") or "").rsplit(":", 1)[-1]
+    raw = str(row.get("correlation_id") or "").rsplit(":", 1)[-1].split("@", 1)[0]
     try:
         alert = unhandled.get(int(raw))
     except ValueError:
@@ -115,6 +154,8 @@ def _handle_one(dhook, row: dict, unhandled: dict[int, Alert], action: str, repo
         return
     try:
         dhook.handle_alert(alert.uuid, action)
+    except DefenderAuthError:
+        raise
     except DefenderError as exc:
         report.failures.append(f"{row.get('number')} (alert {alert.id}): {exc}")
         return

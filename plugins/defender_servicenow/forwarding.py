@@ -1,28 +1,29 @@
 """Alert forwarding engine: Defender alerts -> ServiceNow incidents or application-table rows, exactly once.
 
-Per source: read the alerts newer than the task's ``forwarded_up_to:<conn id>`` watermark (or a replay
-window), apply the rules (:mod:`defender_servicenow.rules`), then per ServiceNow connection and chunk of
-alerts: one bulk CI lookup (``sys_object_source`` + ``cmdb_ci``), one bulk look-up of the records that
-already exist (``correlation_idIN...`` / ``u_alert_key IN...``) per destination, and one Batch API call that
-creates the missing ones. The watermark moves only over alerts whose every destination ServiceNow
-confirmed, so an outage delays alerts but loses none, and a retry or rerun finds what already exists.
+Delivery is reconciled, not inferred from a time watermark. Every run of a source reads the alerts of the
+reconcile window (``DEFENDER_ALERT_RECONCILE_HOURS``, default 24, back from now; earlier for alerts still
+pending) and compares them with its delivery ledger (:mod:`defender_servicenow.ledger`): every alert not
+yet confirmed by ServiceNow is forwarded, whatever its time stamp, so alerts that arrive late (a sensor
+reconnecting to its management console), alerts of a sensor whose clock is behind and alerts raised while
+the watcher was down all land. When nothing is missing a run costs one Defender request and no ServiceNow
+request.
 
-Record building and watermark arithmetic are pure functions; I/O goes through the hooks.
+Per chunk of alerts and ServiceNow connection: one bulk CI lookup (``sys_object_source`` + ``cmdb_ci``), one
+bulk look-up of the records that already exist per destination, and one Batch API call that creates the
+missing ones; the ledger is saved after every confirmed chunk, so a retry resumes. A destination that fails
+is parked for the rest of the run (its alerts stay pending, retried next run) and never holds up the
+others. Records are built in :mod:`defender_servicenow.records`; I/O goes through the hooks.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from functools import lru_cache
-from pathlib import Path
+from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
-import jinja2
 from airflow.sdk.exceptions import AirflowNotFoundException
 
 from defender_servicenow import settings
@@ -32,34 +33,49 @@ from defender_servicenow.exceptions import (
     ServiceNowAuthError,
     ServiceNowError,
 )
-from defender_servicenow.hooks.servicenow import in_queries  # noqa: F401  (re-exported for callers)
+from defender_servicenow.hooks.servicenow import in_queries
 from defender_servicenow.hooks.servicenow import sys_id_of as _ref
+from defender_servicenow.ledger import (
+    LEGACY_MARGIN_MS,
+    Ledger,
+    alert_key,
+    dead_letter_key,
+    ledger_key,
+    note_dead_letters,
+    status_key,
+    status_record,
+)
 from defender_servicenow.models import Alert, Device, InvalidRecord, datetime_to_ms, ms_to_datetime
-from defender_servicenow.rules import Destination, RuleSet, is_system_notification
+from defender_servicenow.records import (  # noqa: F401  (re-exported for callers)
+    CORRELATION_DISPLAY,
+    AlertContext,
+    DeviceRef,
+    build_application_record,
+    build_incident,
+    correlation_id,
+    legacy_record_key,
+    record_key,
+    record_key_field,
+    render_description,
+    sn_time,
+)
+from defender_servicenow.rules import Destination, RuleSet
 
 log = logging.getLogger(__name__)
 
-CORRELATION_DISPLAY = "Microsoft Defender for IoT"
-TEMPLATES_DIR = settings.PROJECT_ROOT / "include" / "templates"
 CHUNK_SIZE = 100  # alerts per lookup query and per Batch API call
-FUTURE_MARGIN_MS = 10 * 60_000  # alerts stamped later than now + this do not move the watermark (clock skew)
+FUTURE_MARGIN_MS = 10 * 60_000  # alerts stamped later than now + this do not move forwarded_up_to
 SERVICENOW_MAX_RETRY_SECONDS = 120.0  # per call; the task's own retries cover longer outages
 
 
 def watermark_key(source: str) -> str:
-    """Task-owned: the newest alert forwarded (and confirmed) for a source."""
+    """Before the ledger: the newest alert forwarded for a source (read once, to start the ledger there)."""
     return f"forwarded_up_to:{source}"
 
 
 def rule_first_seen_key(rule_name: str) -> str:
-    """Trigger-owned: when the alert trigger first saw a rule (ISO-8601 UTC)."""
+    """When a rule was first seen by the trigger or the forwarding task, whichever ran first (ISO-8601 UTC)."""
     return f"rule_first_seen:{rule_name}"
-
-
-def recent_key(source: str) -> str:
-    """Task-owned: ``{alert id: time_ms}`` of the alerts handled within the look-back window behind the
-    watermark, so that late alerts (raised earlier, delivered later) are found without re-sending others."""
-    return f"recent:{source}"
 
 
 def watch_start_key(source: str) -> str:
@@ -72,6 +88,11 @@ def seen_key(source: str) -> str:
     return f"seen:{source}"
 
 
+def inventory_key(source: str) -> str:
+    """Task-owned: the device facts protocol rules need, refreshed every DEFENDER_SYNC_FREQUENCY_MINUTES."""
+    return f"inventory:{source}"
+
+
 class StateStore(Protocol):
     """The sync half of Airflow's asset state accessor (``get``/``set``)."""
 
@@ -81,204 +102,37 @@ class StateStore(Protocol):
 
 
 class ForwardingIncompleteError(IntegrationError):
-    """Some alerts could not be forwarded; the watermark stays before them so the retry resumes there."""
+    """Some alerts could not be forwarded; they stay pending and the next attempt resumes there."""
 
 
 class ForwardingCredentialsError(ForwardingIncompleteError):
     """ServiceNow or Defender rejected the credentials: retrying at once cannot help (and repeated failed
-    logins can lock the integration user out); the next run resumes from the watermark."""
+    logins can lock the integration user out); the next run resumes from the ledger."""
 
 
-# --------------------------------------------------------------------------- watermarks (pure)
-
-
-def make_watermark(time_ms: int, ids: Iterable[int] = ()) -> dict:
-    return {"time_ms": int(time_ms), "ids": sorted({int(i) for i in ids})}
-
-
-def after_watermark(alerts: Iterable[Alert], watermark: Mapping | None) -> list[Alert]:
-    """The alerts strictly after ``watermark`` (``fromTime`` is inclusive: skip the ids already done at
-    exactly the watermark time), in (time, id) order."""
-    ordered = sorted(alerts, key=lambda a: (a.time, a.id))
-    if not watermark:
-        return ordered
-    t, done = int(watermark["time_ms"]), set(watermark.get("ids") or ())
-    return [a for a in ordered if (ms := datetime_to_ms(a.time)) > t or (ms == t and a.id not in done)]
-
-
-def late_alerts(alerts: Iterable[Alert], watermark: Mapping | None, recent: Mapping,
-                lookback_ms: int) -> list[Alert]:
-    """Alerts at or before ``watermark`` but within ``lookback_ms`` of it (and not before ``recent``'s
-    floor, the time the look-back started) that were not handled yet: alerts a management console received
-    late from a sensor, or a sensor listed after a later one."""
-    if not watermark or lookback_ms <= 0:
-        return []
-    t, done = int(watermark["time_ms"]), set(watermark.get("ids") or ())
-    floor = max(t - lookback_ms, int(recent.get("floor_ms", t)))
-    handled = recent.get("ids") or {}
-    out = []
-    for a in sorted(alerts, key=lambda a: (a.time, a.id)):
-        ms = datetime_to_ms(a.time)
-        if floor <= ms <= t and str(a.id) not in handled and not (ms == t and a.id in done):
-            out.append(a)
+def record_first_seen(state: StateStore, rule_names: Sequence[str], now: datetime) -> dict[str, datetime]:
+    """The first-seen time of each rule, recording ``now`` for a rule no process has seen yet (the trigger
+    does the same): a rule applies to alerts raised after the first process that ran with it started, so the
+    result never depends on whether the watcher or a forwarding run came first."""
+    out: dict[str, datetime] = {}
+    for name in rule_names:
+        raw = state.get(rule_first_seen_key(name))
+        try:
+            out[name] = datetime.fromisoformat(raw) if raw else None
+        except (TypeError, ValueError):
+            log.warning("Unreadable first-seen time %r of rule %r: recording a new one", raw, name)
+            out[name] = None
+        if out[name] is None:
+            out[name] = now
+            state.set(rule_first_seen_key(name), now.isoformat())
+            log.info("Forwarding rule %r first seen at %s: it applies to alerts raised from then on", name,
+                     now.isoformat())
     return out
-
-
-def prune_recent(recent: Mapping, handled: Iterable[Alert], watermark: Mapping, lookback_ms: int,
-                 floor_ms: int) -> dict:
-    """``recent`` plus the ``handled`` alerts, keeping only those inside the look-back window.
-    ``floor_ms`` (the watermark this run started from) is where tracking starts when ``recent`` is new."""
-    t = int(watermark["time_ms"])
-    floor = int(recent.get("floor_ms", floor_ms))
-    merged = {**(recent.get("ids") or {}), **{str(a.id): datetime_to_ms(a.time) for a in handled}}
-    return {"floor_ms": floor, "ids": {k: v for k, v in merged.items() if t - lookback_ms <= v <= t}}
-
-
-def advance_watermark(watermark: Mapping, alerts: Sequence[Alert], done: set[str],
-                      ceiling_ms: int | None = None) -> dict:
-    """The watermark after the longest prefix of ``alerts`` (time order) whose keys are all in ``done``.
-
-    Late alerts (at or before the watermark) do not move it, but one that is not done stops it: the
-    watermark then stays where it is, so the late alert stays inside the look-back window and is retried
-    until ServiceNow confirms it, however many newer alerts go through meanwhile.
-
-    ``ceiling_ms`` (now plus a margin): an alert stamped later than that (an appliance whose clock is ahead)
-    does not move the watermark, which would otherwise skip correctly stamped alerts that arrive after it.
-    """
-    t, ids = int(watermark["time_ms"]), set(watermark.get("ids") or ())
-    for alert in sorted(alerts, key=lambda a: (a.time, a.id)):
-        ms = datetime_to_ms(alert.time)
-        if alert.key not in done or (ceiling_ms is not None and ms > ceiling_ms):
-            break
-        if ms < t or (ms == t and alert.id in ids):
-            continue
-        if ms > t:
-            t, ids = ms, set()
-        ids.add(alert.id)
-    return make_watermark(t, ids)
-
-
-# --------------------------------------------------------------------------- record building (pure)
-
-
-@dataclass(frozen=True)
-class DeviceRef:
-    """What we know of an alert's source or destination device."""
-
-    id: int | None
-    name: str | None
-    address: str | None
-    ci: str | None = None  # cmdb_ci sys_id of the synced CI
-    protocols: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class AlertContext:
-    alert: Alert
-    appliance: str
-    source: DeviceRef | None
-    destination: DeviceRef | None
-    rules: tuple[str, ...]
-
-    @property
-    def sensor(self) -> str:
-        return self.alert.sensor_name or self.appliance
-
-    @property
-    def cmdb_ci(self) -> str | None:
-        for ref in (self.source, self.destination):
-            if ref and ref.ci:
-                return ref.ci
-        return None
-
-
-def correlation_id(alert: Alert) -> str:
-    return f"defender-iot:{alert.key}"
-
-
-def sn_time(value: datetime) -> str:
-    """ServiceNow's raw date-time format (UTC)."""
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-
-
-@lru_cache(maxsize=4)
-def _environment(directory: str) -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(directory), autoescape=False,
-                              undefined=jinja2.ChainableUndefined, keep_trailing_newline=False)
-
-
-def render_description(ctx: AlertContext, template: str = "incident_description.j2",
-                       directory: Path | str = TEMPLATES_DIR) -> str:
-    """The incident description from ``include/templates/<template>`` (jinja2, plain text)."""
-    a = ctx.alert
-    return _environment(str(directory)).get_template(template).render(
-        alert=a, source=ctx.source, destination=ctx.destination, sensor=ctx.sensor, zone=a.zone_name,
-        site=a.site_name, appliance=ctx.appliance, rules=list(ctx.rules),
-        time_text=a.time.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-    ).strip() + "\n"
-
-
-def build_incident(ctx: AlertContext, rules: RuleSet) -> dict:
-    """The ``incident`` / ``sn_si_incident`` record for one alert."""
-    a = ctx.alert
-    level = rules.impact_urgency(a.severity)
-    record = {
-        "short_description": f"{a.title} ({ctx.sensor})"[:160],
-        "description": render_description(ctx),
-        "impact": str(level.impact),
-        "urgency": str(level.urgency),
-        "correlation_id": correlation_id(a),
-        "correlation_display": CORRELATION_DISPLAY,
-    }
-    if ctx.cmdb_ci:
-        record["cmdb_ci"] = ctx.cmdb_ci
-    return record
-
-
-def build_application_record(ctx: AlertContext) -> dict:
-    """The Defender for IoT application table row for one alert (columns: docs/design.md)."""
-    a = ctx.alert
-    src, dst = ctx.source, ctx.destination
-
-    def text(v: Any) -> str:
-        return "" if v is None else str(v)
-
-    return {
-        "u_alert_key": a.key, "u_alert_id": str(a.id), "u_alert_uuid": text(a.uuid),
-        "u_source_connection": a.source, "u_appliance": ctx.appliance,
-        "u_time": sn_time(a.time), "u_title": a.title, "u_message": a.message,
-        "u_severity": a.severity, "u_engine": a.engine,
-        "u_notification_type": "system" if is_system_notification(a) else "alert",
-        "u_source_device_id": text(a.source_device_id), "u_source_name": text(src and src.name),
-        "u_source_address": text(a.source_address or (src and src.address)), "u_source_ci": text(src and src.ci),
-        "u_destination_device_id": text(a.destination_device_id), "u_destination_name": text(dst and dst.name),
-        "u_destination_address": text(a.destination_address or (dst and dst.address)),
-        "u_destination_ci": text(dst and dst.ci),
-        "u_protocols": ", ".join(sorted({p for ref in (src, dst) if ref for p in ref.protocols})),
-        "u_remediation_steps": "\n".join(a.remediation_steps),
-        "u_additional_information": json.dumps(a.additional_information) if a.additional_information else "",
-        "u_handled": "" if a.handled is None else str(a.handled).lower(),
-        "u_sensor_id": text(a.sensor_id), "u_sensor_name": ctx.sensor,
-        "u_zone_id": text(a.zone_id), "u_zone_name": text(a.zone_name),
-        "u_site_id": text(a.site_id), "u_site_name": text(a.site_name),
-        "u_rules": ", ".join(ctx.rules),
-    }
-
-
-def record_key_field(dest: Destination) -> str:
-    return "correlation_id" if dest.report_type == "incidents" else "u_alert_key"
-
-
-def record_key(dest: Destination, alert: Alert) -> str:
-    return correlation_id(alert) if dest.report_type == "incidents" else alert.key
 
 
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-# --------------------------------------------------------------------------- the run
 
 
 @dataclass
@@ -302,29 +156,50 @@ class SourceReport:
     failures: list[Failure] = field(default_factory=list)
     error: str | None = None
     credentials_rejected: bool = False
-    watermark: dict | None = None
+    pending: int = 0
+    dead_letter: int = 0
+    flagged: int = 0
+    forwarded_up_to_ms: int | None = None
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.error or self.failures)
 
     def as_dict(self) -> dict:
         return {"source": self.source, "window": self.window, "seen": self.seen, "invalid": len(self.invalid),
                 "matched": dict(self.matched), "unmatched": self.unmatched, "created": self.created,
-                "already_present": self.present, "would_create": self.would_create,
+                "already_present": self.present, "would_create": self.would_create, "pending": self.pending,
+                "dead_letter": self.dead_letter,
                 "failed": [f"{f.alert} -> {f.destination.table}@{f.destination.connection_id}: {f.answer}"
-                           for f in self.failures], "error": self.error, "watermark": self.watermark}
+                           for f in self.failures], "error": self.error,
+                "forwarded_up_to": (ms_to_datetime(self.forwarded_up_to_ms).isoformat()
+                                    if self.forwarded_up_to_ms else None)}
+
+    def summary(self) -> str:
+        matched = ", ".join(f"{name}: {n}" for name, n in sorted(self.matched.items())) or "none"
+        return (f"Alert forwarding summary ({self.source}, {self.window}): to check {self.seen}, matched per "
+                f"rule: {matched}, matched no rule {self.unmatched}, created {self.created}, already present "
+                f"{self.present}, would create {self.would_create}, failed {len(self.failures)}, pending "
+                f"{self.pending}, dead-letter {self.dead_letter}, forwarded with fallbacks {self.flagged}"
+                + (f", source error: {self.error}" if self.error else ""))
 
 
 class AlertForwarder:
-    """One forwarding run over several sources.
+    """One forwarding run over one or more sources (the DAG maps one task per source).
 
     :param rules: the validated rules.
-    :param state: the asset state accessor (sync ``get``/``set``); the forwarder writes only its
-        ``forwarded_up_to:<conn id>`` keys and reads the trigger's ``rule_first_seen:<name>`` keys.
-    :param defender_hook / servicenow_hook: factories ``conn_id -> hook``.
+    :param state: the asset state accessor (sync ``get``/``set``) of ``defender_iot_alerts``.
+    :param defender_hook / servicenow_hook: factories ``conn_id -> hook``. Of the Defender hook the engine
+        uses ``appliance``, ``appliance_name``, ``get_alerts(from_time=, to_time=)`` and ``iter_devices()``.
+    :param failure_context: ``dag_id``, ``run_id``, ``task_id``, ``map_index``, ``try_number`` for the
+        ``last_failure`` of ``status:<source>``.
     """
 
     def __init__(self, rules: RuleSet, state: StateStore, *, defender_hook: Callable[[str], Any],
                  servicenow_hook: Callable[[str], Any], source_name: str | None = None, dry_run: bool = False,
                  chunk_size: int = CHUNK_SIZE, clock: Callable[[], datetime] | None = None,
-                 lookback_minutes: float | None = None):
+                 reconcile_hours: float | None = None, inventory_minutes: float | None = None,
+                 failure_context: Mapping[str, Any] | None = None):
         self.rules = rules
         self.state = state
         self.defender_hook = defender_hook
@@ -333,9 +208,12 @@ class AlertForwarder:
         self.dry_run = dry_run
         self.chunk_size = chunk_size
         self.clock = clock or (lambda: datetime.now(timezone.utc))
+        self.failure_context = dict(failure_context or {})
         self._sn_hooks: dict[str, Any] = {}
-        minutes = settings.alert_lookback_minutes() if lookback_minutes is None else lookback_minutes
-        self.lookback_ms = int(minutes * 60_000)
+        hours = settings.alert_reconcile_hours() if reconcile_hours is None else reconcile_hours
+        self.reconcile_ms = int(hours * 3_600_000)
+        minutes = settings.sync_frequency_minutes() if inventory_minutes is None else inventory_minutes
+        self.inventory_ms = int(minutes * 60_000)
 
     def _sn(self, conn_id: str):
         if conn_id not in self._sn_hooks:
@@ -343,153 +221,197 @@ class AlertForwarder:
         return self._sn_hooks[conn_id]
 
     def first_seen(self) -> dict[str, datetime | None]:
-        out: dict[str, datetime | None] = {}
-        for rule in self.rules.enabled:
-            raw = self.state.get(rule_first_seen_key(rule.name))
-            try:
-                out[rule.name] = datetime.fromisoformat(raw) if raw else None
-            except (TypeError, ValueError):
-                log.warning("Ignoring unreadable first-seen time %r of rule %r", raw, rule.name)
-                out[rule.name] = None
-        return out
+        names = [r.name for r in self.rules.enabled]
+        if self.dry_run:   # a dry run writes nothing
+            out = {}
+            for name in names:
+                raw = self.state.get(rule_first_seen_key(name))
+                out[name] = datetime.fromisoformat(raw) if isinstance(raw, str) and raw else None
+            return out
+        return record_first_seen(self.state, names, self.clock())
 
     # ------------------------------------------------------------------ public
 
     def run(self, sources: Sequence[str], *, since: datetime | None = None,
             until: datetime | None = None) -> list[SourceReport]:
         first_seen = self.first_seen()
-        reports = [self.forward_source(src, first_seen, since=since, until=until) for src in sources]
-        for r in reports:
-            self._log_report(r)
-        totals = Counter()
-        for r in reports:
-            totals.update(seen=r.seen, created=r.created, present=r.present, failed=len(r.failures),
-                          would_create=r.would_create, invalid=len(r.invalid), errors=int(bool(r.error)))
-        mode = "dry run, " if self.dry_run else ""
-        mode += f"replay {since.isoformat()} .. {(until or self.clock()).isoformat()}, " if since else ""
-        log.info("Alert forwarding summary (%s%d sources): seen %d, created %d, already present %d, "
-                 "would create %d, failed %d, invalid %d, source errors %d", mode, len(reports), totals["seen"],
-                 totals["created"], totals["present"], totals["would_create"], totals["failed"],
-                 totals["invalid"], totals["errors"])
+        reports = []
+        for src in sources:
+            report = self.forward_source(src, first_seen, since=since, until=until)
+            self._log_report(report)
+            reports.append(report)
         return reports
 
     def forward_source(self, source: str, first_seen: Mapping[str, datetime | None], *,
                        since: datetime | None = None, until: datetime | None = None) -> SourceReport:
         report = SourceReport(source)
         replay = since is not None
+        now_ms = datetime_to_ms(self.clock())
+        ledger: Ledger | None = None
+        kind: str | None = None
+        valid: list[Alert] = []
         try:
+            if not replay:
+                ledger = self._ledger(source, first_seen, now_ms)
             dhook = self.defender_hook(source)
+            kind = dhook.appliance
             appliance = dhook.appliance_name
             if replay:
-                watermark = None
                 records = dhook.get_alerts(from_time=since, to_time=until)
                 report.window = f"replay {since.isoformat()} .. {until.isoformat() if until else 'now'}"
             else:
-                watermark = self._watermark(source, first_seen)
-                report.window = f"after {ms_to_datetime(watermark['time_ms']).isoformat()}"
-                records = dhook.get_alerts(from_time=ms_to_datetime(watermark["time_ms"] - self.lookback_ms))
-            report.invalid = [f"{r.record_id}: {r.reason}" for r in records if isinstance(r, InvalidRecord)]
-            valid = [r for r in records if isinstance(r, Alert)]
-            alerts = after_watermark(valid, watermark)
-            recent = (self.state.get(recent_key(source)) or {}) if not replay else {}
-            new_keys = {a.key for a in alerts}
-            late = [a for a in late_alerts(valid, watermark, recent, self.lookback_ms)
-                    if a.key not in new_keys] if not replay else []
-            if late:
-                log.warning("%s: %d alert(s) arrived late (raised before the watermark, ids %s); forwarding them "
-                            "now", source, len(late), ", ".join(str(a.id) for a in late[:20]))
-                alerts = sorted(late + alerts, key=lambda a: (a.time, a.id))
-            report.seen = len(alerts)
-            devices = self._devices(dhook, alerts) if self.rules.needs_protocols and alerts else {}
+                read_from = ledger.read_from_ms(now_ms - self.reconcile_ms)
+                records = dhook.get_alerts(from_time=ms_to_datetime(read_from))
+                report.window = f"reconciling from {ms_to_datetime(read_from).isoformat()}"
+            invalid = [r for r in records if isinstance(r, InvalidRecord)]
+            report.invalid = [f"{r.record_id}: {r.reason}" for r in invalid]
+            valid = sorted((r for r in records if isinstance(r, Alert)), key=lambda a: (a.time, a.id))
+            if ledger is not None:
+                valid = [a for a in valid if datetime_to_ms(a.time) >= ledger.floor_ms]
+            report.flagged = sum(1 for a in valid if a.message.startswith("[Forwarding note:"))
+            todo = valid if replay else [a for a in valid if alert_key(a) not in ledger.done]
+            report.seen = len(todo)
+            devices = self._devices(source, dhook, now_ms) if self.rules.needs_protocols and todo else {}
         except (IntegrationError, AirflowNotFoundException) as exc:  # one bad source must not stop the others
             report.error = str(exc)
             report.credentials_rejected = isinstance(exc, (DefenderAuthError, ServiceNowAuthError))
+            self._finish(source, report, kind, ledger, [], now_ms, invalid=None)
             return report
 
-        contexts: dict[str, AlertContext] = {}
+        contexts: list[AlertContext] = []
         targets: dict[str, set[Destination]] = {}
-        for alert in alerts:
-            src, dst = (self._device_ref(devices, alert.source_device_id, alert.source_address),
-                        self._device_ref(devices, alert.destination_device_id, alert.destination_address))
+        for alert in todo:
+            key = alert_key(alert)
+            src = self._device_ref(devices, alert.source_device_id, alert.source_address)
+            dst = self._device_ref(devices, alert.destination_device_id, alert.destination_address)
             protocols = [p for ref in (src, dst) if ref for p in ref.protocols]
             names, dests = self.rules.match(alert, protocols=protocols, first_seen=first_seen, replay=replay)
             report.matched.update(names)
+            parked = ledger.pending_dests(key) if ledger is not None else None
+            dests = parked if parked is not None else dests
             if not dests:
                 report.unmatched += 1
+                unknown = self.rules.needs_protocols and any(
+                    i is not None and str(i) not in devices
+                    for i in (alert.source_device_id, alert.destination_device_id))
+                if ledger is not None and not self.dry_run and not unknown:   # else decided after a refresh
+                    ledger.settle(alert, ())
                 continue
-            contexts[alert.key] = AlertContext(alert, appliance, src, dst, tuple(names))
-            targets[alert.key] = dests
+            contexts.append(AlertContext(alert, appliance, src, dst, tuple(names)))
+            targets[key] = set(dests)
 
-        pending = {key: set(dests) for key, dests in targets.items()}
-        by_conn: dict[str, list[str]] = defaultdict(list)
-        for key, dests in targets.items():
-            for conn in sorted({d.connection_id for d in dests}):
-                by_conn[conn].append(key)
-        for conn, keys in by_conn.items():
-            self._forward_to(conn, [contexts[k] for k in keys], targets, pending, report)
-
-        if not replay and not self.dry_run:
-            done = {a.key for a in alerts if not pending.get(a.key)}
-            ceiling = datetime_to_ms(self.clock()) + FUTURE_MARGIN_MS
-            ahead = [a for a in alerts if datetime_to_ms(a.time) > ceiling]
-            if ahead:
-                log.warning("%s: %d alert(s) are stamped more than %d minutes in the future (ids %s): check the "
-                            "appliance's clock; they are forwarded, but the watermark waits for real time",
-                            source, len(ahead), FUTURE_MARGIN_MS // 60_000, ", ".join(str(a.id) for a in ahead[:20]))
-            # a failed late alert, or one stamped in the future, holds the watermark
-            report.watermark = advance_watermark(watermark, alerts, done, ceiling_ms=ceiling)
-            if report.watermark != make_watermark(watermark["time_ms"], watermark.get("ids") or ()):
-                self.state.set(watermark_key(source), report.watermark)
-            if self.lookback_ms > 0:
-                new_recent = prune_recent(recent, [a for a in alerts if a.key in done], report.watermark,
-                                          self.lookback_ms, floor_ms=int(watermark["time_ms"]))
-                if new_recent != recent:
-                    self.state.set(recent_key(source), new_recent)
+        keys_since = ledger.keys_since_ms if ledger is not None else self._keys_since(source, now_ms)
+        broken: dict[Destination, str] = {}   # parked for the rest of this run
+        for chunk in _chunks(contexts, self.chunk_size):
+            pending = {alert_key(c.alert): set(targets[alert_key(c.alert)]) for c in chunk}
+            by_conn: dict[str, list[AlertContext]] = defaultdict(list)
+            for c in chunk:
+                for conn in sorted({d.connection_id for d in targets[alert_key(c.alert)]}):
+                    by_conn[conn].append(c)
+            for conn, items in by_conn.items():
+                self._forward_to(conn, items, targets, pending, report, broken, keys_since)
+            if ledger is not None and not self.dry_run:
+                for c in chunk:
+                    ledger.settle(c.alert, pending[alert_key(c.alert)])
+                self.state.set(ledger_key(source), ledger.as_state())   # progress per confirmed chunk
+        self._finish(source, report, kind, ledger, valid, now_ms, invalid=invalid)
         return report
 
     # ------------------------------------------------------------------ steps
 
-    def _watermark(self, source: str, first_seen: Mapping[str, datetime | None]) -> dict:
-        current = self.state.get(watermark_key(source))
-        if current:
+    def _ledger(self, source: str, first_seen: Mapping[str, datetime | None], now_ms: int) -> Ledger:
+        current = Ledger.from_state(self.state.get(ledger_key(source)))
+        if current is not None:
             return current
-        # First run for this source: nothing before the earliest rule can match (rules only apply to
-        # alerts raised after they exist); without any first-seen record, start from now.
-        # A source added later starts when the trigger began watching it, not with the rules' history.
-        known = [t for t in first_seen.values() if t is not None]
-        start = min(known) if known else self.clock()
-        watched = self.state.get(watch_start_key(source))
-        if isinstance(watched, int) and watched > datetime_to_ms(start):
-            start = ms_to_datetime(watched)
-        watermark = make_watermark(datetime_to_ms(start))
-        log.info("%s: no forwarding watermark yet; starting from %s (earlier alerts are not replayed; use the "
-                 "since/until params for that)", source, start.isoformat())
+        old = self.state.get(watermark_key(source))
+        if isinstance(old, Mapping) and "time_ms" in old:
+            # upgraded from the watermark: start where it was (with the old 10-minute look-back), and
+            # recognise the records written under the previous keys
+            floor = int(old["time_ms"]) - 10 * 60_000
+            log.info("%s: continuing from the previous forwarding watermark %s", source,
+                     ms_to_datetime(int(old["time_ms"])).isoformat())
+        else:
+            # First run: nothing before the earliest rule can match (rules only apply to alerts raised after
+            # they exist); a source added later starts when the trigger began watching it.
+            known = [datetime_to_ms(t) for t in first_seen.values() if t is not None]
+            floor = min(known) if known else now_ms
+            watched = self.state.get(watch_start_key(source))
+            if isinstance(watched, int) and watched > floor:
+                floor = watched
+            log.info("%s: no forwarding ledger yet; forwarding alerts raised from %s (earlier alerts are not "
+                     "replayed; use the since/until params for that)", source, ms_to_datetime(floor).isoformat())
+        ledger = Ledger(floor_ms=floor, keys_since_ms=now_ms)
         if not self.dry_run:
-            self.state.set(watermark_key(source), watermark)
-        return watermark
+            self.state.set(ledger_key(source), ledger.as_state())
+        return ledger
+
+    def _keys_since(self, source: str, now_ms: int) -> int:
+        ledger = Ledger.from_state(self.state.get(ledger_key(source)))
+        return ledger.keys_since_ms if ledger is not None else now_ms
+
+    def _finish(self, source: str, report: SourceReport, kind: str | None, ledger: Ledger | None,
+                valid: Sequence[Alert], now_ms: int, *, invalid: Sequence[InvalidRecord] | None) -> None:
+        """Dead letters, pruning, forwarded_up_to and ``status:<source>`` (also after a failure)."""
+        now_iso = ms_to_datetime(now_ms).isoformat()
+        dead = self.state.get(dead_letter_key(source)) or {}
+        if invalid and not self.dry_run:
+            new = note_dead_letters(dead, [(str(r.record_id), r.reason) for r in invalid], now_iso)
+            if new != dead:
+                self.state.set(dead_letter_key(source), new)
+            dead = new
+        report.dead_letter = len(dead)
+        if ledger is None or self.dry_run:
+            return
+        sensors: dict[str, int] = {}
+        not_done: dict[str, int] = {}
+        for a in valid:
+            name = a.sensor_name or source
+            sensors.setdefault(name, now_ms)
+            if alert_key(a) not in ledger.done:
+                not_done.setdefault(name, datetime_to_ms(a.time) - 1)
+        sensors.update(not_done)
+        if not report.error:
+            ledger.prune(min(now_ms - self.reconcile_ms, ledger.read_from_ms(now_ms - self.reconcile_ms)))
+            self.state.set(ledger_key(source), ledger.as_state())
+            report.forwarded_up_to_ms = min(not_done.values(), default=now_ms)
+        report.pending = len(ledger.pending)
+        previous = self.state.get(status_key(source)) or {}
+        if report.forwarded_up_to_ms is None and previous.get("forwarded_up_to"):
+            report.forwarded_up_to_ms = datetime_to_ms(datetime.fromisoformat(previous["forwarded_up_to"]))
+        failure = None
+        if report.failed:
+            failure = {"at": now_iso, "message": failure_sentence(report), **self.failure_context}
+        self.state.set(status_key(source), status_record(
+            at=now_iso, kind=kind, forwarded_up_to_ms=report.forwarded_up_to_ms, pending=report.pending,
+            dead_letter=report.dead_letter, failure=failure, previous=previous,
+            sensors=sensors if kind == "management_console" else None))
+
+    def _devices(self, source: str, dhook, now_ms: int) -> dict[str, list]:
+        """``{device id: [name, address, [protocols]]}`` of the source, for protocol rules: read from Defender
+        at most every DEFENDER_SYNC_FREQUENCY_MINUTES, kept in ``inventory:<source>`` meanwhile."""
+        cached = self.state.get(inventory_key(source))
+        if isinstance(cached, Mapping) and 0 <= now_ms - int(cached.get("at_ms", 0)) < self.inventory_ms:
+            return dict(cached.get("devices") or {})
+        devices = {str(d.id): [d.name, next(iter(d.ip_addresses), None), list(d.protocols)]
+                   for d in dhook.iter_devices() if isinstance(d, Device)}
+        if not self.dry_run:
+            self.state.set(inventory_key(source), {"at_ms": now_ms, "devices": devices})
+        return devices
 
     @staticmethod
-    def _devices(dhook, alerts: Sequence[Alert]) -> dict[int, Device]:
-        """The source's inventory (once per run, only when a rule lists protocols)."""
-        wanted = {i for a in alerts for i in (a.source_device_id, a.destination_device_id) if i}
-        if not wanted:
-            return {}
-        return {d.id: d for d in dhook.iter_devices() if isinstance(d, Device) and d.id in wanted}
-
-    @staticmethod
-    def _device_ref(devices: Mapping[int, Device], device_id: int | None, address: str | None) -> DeviceRef | None:
+    def _device_ref(devices: Mapping[str, list], device_id: int | None, address: str | None) -> DeviceRef | None:
         if device_id is None and not address:
             return None
-        device = devices.get(device_id) if device_id is not None else None
+        device = devices.get(str(device_id)) if device_id is not None else None
         if device is None:
             return DeviceRef(device_id, None, address)
-        return DeviceRef(device_id, device.name, address or next(iter(device.ip_addresses), None),
-                         protocols=tuple(device.protocols))
+        name, first_address, protocols = device
+        return DeviceRef(device_id, name, address or first_address, protocols=tuple(protocols))
 
     def _lookup_cis(self, hook, contexts: Sequence[AlertContext]) -> dict[str, tuple[str, str]]:
         """``"<conn>:<device id>"`` -> (cmdb_ci sys_id, CI name), in bulk (one query per chunk and table)."""
-        native = [f"{c.alert.source}:{ref.id}" for c in contexts for ref in (c.source, c.destination)
-                  if ref and ref.id is not None]
+        native = sorted({f"{c.alert.source}:{ref.id}" for c in contexts for ref in (c.source, c.destination)
+                         if ref and ref.id is not None})
         if not native:
             return {}
         links: dict[str, str] = {}
@@ -498,7 +420,7 @@ class AlertForwarder:
                 if _ref(row.get("target_sys_id")):
                     links[row.get("id")] = _ref(row.get("target_sys_id"))
         names: dict[str, str] = {}
-        for q in in_queries("sys_id", links.values()):
+        for q in in_queries("sys_id", sorted(set(links.values()))):
             for row in hook.query("cmdb_ci", q, fields=["sys_id", "name"]):
                 names[row.get("sys_id")] = row.get("name") or ""
         return {key: (sys_id, names.get(sys_id, "")) for key, sys_id in links.items()}
@@ -513,51 +435,65 @@ class AlertForwarder:
 
         return AlertContext(ctx.alert, ctx.appliance, one(ctx.source), one(ctx.destination), ctx.rules)
 
-    def _existing(self, hook, dest: Destination, contexts: Sequence[AlertContext]) -> set[str]:
+    def _existing(self, hook, dest: Destination, contexts: Sequence[AlertContext], keys_since_ms: int) -> set[str]:
+        """The record keys of ``contexts`` that exist in ``dest``, including records written under the
+        previous key (``<conn id>:<alert id>``) for alerts raised before the new keys started, when the
+        record is that alert's (same time on the application table; created after the alert on incidents)
+        and not a re-imaged appliance's earlier alert of the same number."""
         key_field = record_key_field(dest)
         found: set[str] = set()
         for q in in_queries(key_field, [record_key(dest, c.alert) for c in contexts]):
             found.update(row.get(key_field) for row in hook.query(dest.table, q, fields=[key_field, "sys_id"]))
+        legacy = {legacy_record_key(dest, c.alert): c.alert for c in contexts
+                  if record_key(dest, c.alert) not in found
+                  and datetime_to_ms(c.alert.time) <= keys_since_ms}
+        if legacy:
+            check = "u_time" if dest.report_type != "incidents" else "sys_created_on"
+            for q in in_queries(key_field, list(legacy)):
+                for row in hook.query(dest.table, q, fields=[key_field, "sys_id", check]):
+                    alert = legacy.get(row.get(key_field))
+                    if alert is not None and _same_alert(dest, alert, row):
+                        found.add(record_key(dest, alert))
         return found
 
     def _forward_to(self, conn: str, contexts: list[AlertContext], targets: Mapping[str, set[Destination]],
-                    pending: dict[str, set[Destination]], report: SourceReport) -> None:
-        dests = sorted({d for c in contexts for d in targets[c.alert.key] if d.connection_id == conn})
-        broken: dict[Destination, str] = {}   # a destination that failed (e.g. no such table) is not retried
+                    pending: dict[str, set[Destination]], report: SourceReport, broken: dict[Destination, str],
+                    keys_since_ms: int) -> None:
+        dests = sorted({d for c in contexts for d in targets[alert_key(c.alert)] if d.connection_id == conn})
+        live = [d for d in dests if d not in broken]
         try:
-            hook = self._sn(conn)
-            for chunk in _chunks(contexts, self.chunk_size):
-                cis = self._lookup_cis(hook, chunk)
-                chunk = [self._enrich(c, cis) for c in chunk]
-                for dest in dests:
-                    items = [c for c in chunk if dest in targets[c.alert.key]]
-                    if not items or dest in broken:
-                        continue
-                    try:
-                        self._write(hook, dest, items, pending, report)
-                    except ServiceNowError as exc:   # one bad table must not hold up the others
-                        if isinstance(exc, ServiceNowAuthError):
-                            raise
-                        broken[dest] = _answer(exc)
-                        log.error("ServiceNow connection %s, table %s failed: %s", conn, dest.table, broken[dest])
+            if live:
+                hook = self._sn(conn)
+                cis = self._lookup_cis(hook, contexts)
+                chunk = [self._enrich(c, cis) for c in contexts]
+            for dest in live:
+                items = [c for c in chunk if dest in targets[alert_key(c.alert)]]
+                try:
+                    self._write(hook, dest, items, pending, report, keys_since_ms)
+                except ServiceNowError as exc:   # one bad table must not hold up the others
+                    if isinstance(exc, ServiceNowAuthError):
+                        raise
+                    broken[dest] = _answer(exc)
+                    log.error("ServiceNow connection %s, table %s failed: %s. Its alerts stay pending (parked for "
+                              "the rest of this run, retried next run)", conn, dest.table, broken[dest])
         except (ServiceNowError, AirflowNotFoundException) as exc:
             report.credentials_rejected |= isinstance(exc, ServiceNowAuthError)
             answer = _answer(exc)
             log.error("ServiceNow connection %s failed: %s", conn, answer)
             broken.update({dest: answer for dest in dests if dest not in broken})
         for c in contexts:
-            for dest in sorted(pending.get(c.alert.key, ())):
+            for dest in sorted(pending.get(alert_key(c.alert), ())):
                 if dest in broken:
-                    report.failures.append(Failure(c.alert.key, dest, broken[dest]))
+                    report.failures.append(Failure(alert_key(c.alert), dest, broken[dest]))
 
     def _write(self, hook, dest: Destination, items: Sequence[AlertContext],
-               pending: dict[str, set[Destination]], report: SourceReport) -> None:
-        existing = self._existing(hook, dest, items)
+               pending: dict[str, set[Destination]], report: SourceReport, keys_since_ms: int) -> None:
+        existing = self._existing(hook, dest, items, keys_since_ms)
         create = []
         for c in items:
             if record_key(dest, c.alert) in existing:
                 report.present += 1
-                pending[c.alert.key].discard(dest)
+                pending[alert_key(c.alert)].discard(dest)
             else:
                 create.append(c)
         if not create:
@@ -577,30 +513,40 @@ class AlertForwarder:
         for c, answer in zip(create, hook.batch(requests_), strict=True):
             if answer.ok:
                 report.created += 1
-                pending[c.alert.key].discard(dest)
+                pending[alert_key(c.alert)].discard(dest)
             else:
-                report.failures.append(Failure(c.alert.key, dest, f"HTTP {answer.status_code}: "
+                report.failures.append(Failure(alert_key(c.alert), dest, f"HTTP {answer.status_code}: "
                                                f"{answer.error_message or 'no message'}"))
 
     @staticmethod
     def _log_report(r: SourceReport) -> None:
         if r.error:
             log.error("%s: could not read alerts: %s", r.source, r.error)
-            return
-        matched = ", ".join(f"{name}: {n}" for name, n in sorted(r.matched.items())) or "none"
-        log.info("%s (%s): %d new alerts, %d matched no rule; matched per rule: %s; created %d, already "
-                 "present %d, would create %d, failed %d", r.source, r.window, r.seen, r.unmatched, matched,
-                 r.created, r.present, r.would_create, len(r.failures))
         for text in r.invalid[:20]:
-            log.warning("%s: skipped an invalid alert record %s", r.source, text)
+            log.warning("%s: an alert record could not be read even with fallbacks, kept in the dead-letter set "
+                        "and retried every run: %s", r.source, text)
+        if r.flagged:
+            log.warning("%s: %d alert(s) had values Defender does not document (e.g. an unknown severity); "
+                        "forwarded with safe fallbacks, flagged in the record", r.source, r.flagged)
         grouped: dict[tuple[Destination, str], list[str]] = defaultdict(list)
         for f in r.failures:
             grouped[(f.destination, f.answer)].append(f.alert.rsplit(":", 1)[-1])
         for (dest, answer), ids in grouped.items():
-            log.error("%s: %d alert(s) not forwarded to %s on %s (ids %s): %s", r.source, len(ids), dest.table,
-                      dest.connection_id, ", ".join(ids), answer)
-        if r.watermark:
-            log.info("%s: forwarded up to %s", r.source, ms_to_datetime(r.watermark["time_ms"]).isoformat())
+            log.error("%s: %d alert(s) not forwarded to %s on %s (ids %s): %s. They stay pending and are retried "
+                      "every run; fix the destination (table, roles) if this persists", r.source, len(ids),
+                      dest.table, dest.connection_id, ", ".join(ids[:50]), answer)
+        level = logging.WARNING if (r.failed or r.pending or r.dead_letter) else logging.INFO
+        log.log(level, "%s", r.summary())
+
+
+def _same_alert(dest: Destination, alert: Alert, row: Mapping) -> bool:
+    if dest.report_type != "incidents":
+        return row.get("u_time") == sn_time(alert.time)
+    try:
+        created = datetime.strptime(str(row.get("sys_created_on")), "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return False
+    return created >= alert.time - timedelta(milliseconds=LEGACY_MARGIN_MS)
 
 
 def _answer(exc: Exception) -> str:
@@ -610,8 +556,17 @@ def _answer(exc: Exception) -> str:
     return answer
 
 
+def failure_sentence(report: SourceReport) -> str:
+    """One plain sentence for the health page (no secret: errors and answers are the hooks' plain texts)."""
+    if report.error:
+        return f"Alerts of {report.source} could not be read: {report.error}"[:500]
+    first = report.failures[0]
+    return (f"{len({f.alert for f in report.failures})} alert(s) of {report.source} were not forwarded, e.g. "
+            f"to {first.destination.table} on {first.destination.connection_id}: {first.answer}")[:500]
+
+
 def raise_if_incomplete(reports: Sequence[SourceReport]) -> None:
-    """Fail the task (so that it retries from the watermark) when anything was not forwarded."""
+    """Fail the task when anything was not forwarded (the alerts stay pending: nothing is lost)."""
     failed = [f.alert for r in reports for f in r.failures]
     errors = [f"{r.source}: {r.error}" for r in reports if r.error]
     if failed or errors:
@@ -624,8 +579,8 @@ def raise_if_incomplete(reports: Sequence[SourceReport]) -> None:
         if any(r.credentials_rejected for r in reports):
             raise ForwardingCredentialsError(
                 "; ".join(parts) + ". Credentials were rejected: fix the connection named above (the task is not "
-                "retried, so the integration user is not locked out). Nothing is lost: the forwarding watermark "
-                "stays before these alerts and the next run resumes there without duplicates.")
+                "retried, so the integration user is not locked out). Nothing is lost: the alerts stay pending "
+                "and the next run forwards them without duplicates.")
         raise ForwardingIncompleteError(
-            "; ".join(parts) + ". The forwarding watermark stays before them; the task retries and the next "
-            "run resumes there without duplicates. Check the ServiceNow/Defender connections if this persists.")
+            "; ".join(parts) + ". Nothing is lost: these alerts stay pending and the next attempt forwards "
+            "them without duplicates. Check the ServiceNow/Defender connections if this persists.")

@@ -174,3 +174,28 @@ def sync_match_by_name(environ: dict | None = None) -> bool:
     if raw not in ("true", "false", "1", "0", "yes", "no"):
         raise ConfigError(f"DEFENDER_SYNC_MATCH_BY_NAME must be true or false, not {raw!r}")
     return raw in ("true", "1", "yes")
+
+
+DEFAULT_ALERT_RECONCILE_HOURS = 24.0
+DEFAULT_AUTH_COOLDOWN_MINUTES = 30.0
+
+
+def alert_reconcile_hours(environ: dict | None = None) -> float:
+    """``DEFENDER_ALERT_RECONCILE_HOURS``: how far back every forwarding run compares the alerts a source holds
+    with what ServiceNow confirmed, forwarding every gap (late alerts, a sensor whose clock is behind, alerts
+    raised while the watcher was down). Default 24, from 0.5 to 720 (30 days)."""
+    return _number("DEFENDER_ALERT_RECONCILE_HOURS", environ, default=DEFAULT_ALERT_RECONCILE_HOURS,
+                   minimum=0.5, maximum=720, integer=False, unit="hours")
+
+
+def servicenow_auth_cooldown_minutes(environ: dict | None = None) -> float:
+    """``SERVICENOW_AUTH_COOLDOWN_MINUTES``: after ServiceNow rejects a connection's credentials, no login is
+    tried with them again until the connection changes or this many minutes pass. Default 30, 1 to 1440."""
+    return _number("SERVICENOW_AUTH_COOLDOWN_MINUTES", environ, default=DEFAULT_AUTH_COOLDOWN_MINUTES,
+                   minimum=1, maximum=1440, integer=False, unit="minutes")
+
+
+def defender_auth_cooldown_minutes(environ: dict | None = None) -> float:
+    """``DEFENDER_AUTH_COOLDOWN_MINUTES``: the same for a Defender connection's API token. Default 30."""
+    return _number("DEFENDER_AUTH_COOLDOWN_MINUTES", environ, default=DEFAULT_AUTH_COOLDOWN_MINUTES,
+                   minimum=1, maximum=1440, integer=False, unit="minutes")

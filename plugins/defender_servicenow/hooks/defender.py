@@ -20,13 +20,12 @@ import json
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from functools import cached_property
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
 from airflow.sdk import BaseHook
 
+from defender_servicenow.alert_parsing import parse_alert_safely
 from defender_servicenow.exceptions import (
     ConfigError,
     DefenderAuthError,
@@ -36,26 +35,27 @@ from defender_servicenow.exceptions import (
     DefenderUnreachableError,
     DefenderWrongApplianceError,
 )
-from defender_servicenow.hooks._http import build_session, make_retry, parse_number, parse_verify
+from defender_servicenow.hooks._http import build_session, make_retry
+from defender_servicenow.hooks.connections import (  # noqa: E402  (re-exported)
+    MANAGEMENT_CONSOLE,
+    SENSOR,
+    DefenderConnection,
+    parse_defender_connection,
+)
+from defender_servicenow.hooks.connections import TOKEN_HELP as _TOKEN_HELP  # noqa: E402
 from defender_servicenow.models import (
     Alert,
     Device,
     InvalidRecord,
     datetime_to_ms,
     merge_v1_extras,
-    parse_alert,
     parse_device,
     parse_v3_device,
     v1_extras,
 )
 
-SENSOR = "sensor"
-MANAGEMENT_CONSOLE = "management_console"
-APPLIANCES = (SENSOR, MANAGEMENT_CONSOLE)
 HANDLE_ACTIONS = ("handle", "handleAndLearn")
 _KIND = {SENSOR: "an OT sensor", MANAGEMENT_CONSOLE: "an on-premises management console"}
-_TOKEN_HELP = ("generate a new token on the appliance under System Settings > Integrations > Access Tokens "
-               "and put it in the connection's password field")
 MAX_ITEM_CHARS = 16 * 1024 * 1024
 
 
@@ -125,17 +125,6 @@ def iter_json_array(chunks: Iterable[bytes], *, max_item_chars: int = MAX_ITEM_C
         buf, pos = buf[pos:] + text, 0
 
 
-def _parse_verify(value: Any, conn_id: str) -> bool | str:
-    verify = parse_verify(value)
-    if isinstance(verify, bool):
-        return verify
-    text = verify
-    if not Path(text).is_file():
-        raise ConfigError(f"Connection {conn_id!r}: extra 'verify' is {text!r}, which is neither true/false "
-                          "nor an existing CA bundle file; give the path of the appliance's CA certificate (PEM)")
-    return text
-
-
 class DefenderIoTHook(BaseHook):
     """Read devices and alerts from a Defender for IoT OT sensor or on-premises management console.
 
@@ -155,8 +144,11 @@ class DefenderIoTHook(BaseHook):
     hook_name = "Microsoft Defender for IoT"
 
     def __init__(self, defender_conn_id: str = default_conn_name, *, page_size: int = 1000, retries: int = 5,
-                 backoff_factor: float = 0.5, max_retry_time: float = 120.0, chunk_size: int = 256 * 1024) -> None:
+                 backoff_factor: float = 0.5, max_retry_time: float = 120.0, chunk_size: int = 256 * 1024,
+                 auth_guard: Any = None) -> None:
         super().__init__()
+        self.auth_guard = auth_guard   # hooks.lockout.AuthGuard: no request after a rejected token
+        self._guard_checked = False
         self.defender_conn_id = defender_conn_id
         self.page_size = page_size
         self.retries = retries
@@ -168,41 +160,12 @@ class DefenderIoTHook(BaseHook):
     # ------------------------------------------------------------------ connection
 
     @cached_property
-    def _settings(self) -> dict:
-        conn = self.get_connection(self.defender_conn_id)
-        extra = conn.extra_dejson or {}
-        cid = self.defender_conn_id
-        host = (conn.host or "").strip().rstrip("/")
-        if not host:
-            raise ConfigError(f"Connection {cid!r} has no host; set it to the appliance URL, e.g. https://10.1.0.2")
-        if "://" not in host:
-            host = f"https://{host}"
-        if conn.port and urlsplit(host).port is None:
-            parts = urlsplit(host)
-            host = f"{parts.scheme}://{parts.hostname}:{conn.port}{parts.path}".rstrip("/")
-        token = (conn.password or "").strip()   # a token pasted or stored with a trailing newline
-        if not token:
-            raise ConfigError(f"Connection {cid!r} has no API access token in its password field; {_TOKEN_HELP}")
-        if any(ord(ch) < 32 or ord(ch) == 127 for ch in token):
-            raise ConfigError(f"Connection {cid!r}: the API access token contains control characters (e.g. a line "
-                              f"break in the middle); paste it again. {_TOKEN_HELP}")
+    def _settings(self) -> DefenderConnection:
+        settings = parse_defender_connection(self.get_connection(self.defender_conn_id), self.defender_conn_id)
         from airflow.sdk.log import mask_secret
 
-        mask_secret(token)
-        appliance = (extra.get("appliance") or SENSOR).strip().lower()
-        if appliance not in APPLIANCES:
-            raise ConfigError(f"Connection {cid!r}: extra 'appliance' is {appliance!r}; "
-                              "use 'sensor' or 'management_console'")
-        try:
-            timeout = parse_number(extra.get("timeout"), 30.0, field="timeout")
-        except ValueError as exc:
-            raise ConfigError(f"Connection {cid!r}: {exc} (seconds per request, default 30)") from None
-        return {
-            "base_url": host, "token": token, "appliance": appliance,
-            "name": (extra.get("name") or "").strip() or (urlsplit(host).hostname or host),
-            "verify": _parse_verify(extra.get("verify"), cid), "proxy": extra.get("proxy") or None,
-            "timeout": timeout,
-        }
+        mask_secret(settings.token)
+        return settings
 
     @property
     def appliance(self) -> str:
@@ -241,6 +204,11 @@ class DefenderIoTHook(BaseHook):
     def _request(self, method: str, path: str, *, params: dict | None = None, body: dict | None = None,
                  stream: bool = False) -> requests.Response:
         settings = self._settings
+        if self.auth_guard is not None and not self._guard_checked:
+            self._guard_checked = True
+            suspended = self.auth_guard.check(f"{settings.base_url}|{settings.token}")
+            if suspended:
+                raise DefenderAuthError(suspended, status=401)
         url = settings["base_url"] + path
         self._requests += 1
         try:
@@ -271,11 +239,15 @@ class DefenderIoTHook(BaseHook):
     def _check_status(self, response: requests.Response, path: str) -> None:
         status = response.status_code
         if status < 400:
+            if self.auth_guard is not None:
+                self.auth_guard.accepted()
             return
         excerpt = _excerpt(response)
         response.close()
         kind = _KIND[self.appliance]
         if status in (401, 403):
+            if self.auth_guard is not None:
+                self.auth_guard.rejected(f"{self.base_url}|{self._settings.token}", f"{path} answered HTTP {status}")
             raise DefenderAuthError(
                 f"{self.base_url} rejected the API access token (HTTP {status}) for connection "
                 f"{self.defender_conn_id!r}; {_TOKEN_HELP}.", status=status)
@@ -522,7 +494,7 @@ class DefenderIoTHook(BaseHook):
             raise DefenderBadResponseError(f"{self.base_url} answered {path} with a {type(body).__name__}, "
                                            "not the documented list of alerts")
         handled = None if state is None else state == "handled"
-        records = [parse_alert(raw, source=self.defender_conn_id, sensor_name=self.appliance_name
+        records = [parse_alert_safely(raw, source=self.defender_conn_id, sensor_name=self.appliance_name
                                if self.appliance == SENSOR else None, sensor_names=sensor_names, handled=handled,
                                derive_uuid=self.appliance == MANAGEMENT_CONSOLE)
                    for raw in body]

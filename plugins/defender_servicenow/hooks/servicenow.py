@@ -193,8 +193,10 @@ class ServiceNowHook(BaseHook):
     hook_name = "ServiceNow"
 
     def __init__(self, servicenow_conn_id: str = default_conn_name, *, max_retry_time: float = 300.0,
-                 batch_size: int = 100, **kwargs: Any):
+                 batch_size: int = 100, auth_guard: Any = None, **kwargs: Any):
         super().__init__(**kwargs)
+        self.auth_guard = auth_guard   # hooks.lockout.AuthGuard: no login after rejected credentials
+        self._guard_checked = False
         self.servicenow_conn_id = servicenow_conn_id
         self.max_retry_time = max_retry_time
         self.batch_size = batch_size
@@ -256,6 +258,11 @@ class ServiceNowHook(BaseHook):
 
     def _http(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         """Send one request (urllib3 retries inside); transport failures become plain errors."""
+        if self.auth_guard is not None and not self._guard_checked:
+            self._guard_checked = True
+            suspended = self.auth_guard.check(self._guard_material())
+            if suspended:
+                raise ServiceNowAuthError(suspended, status=401)
         self.pacer.wait()
         self.request_count += 1
         url = self.base_url + path
@@ -285,6 +292,15 @@ class ServiceNowHook(BaseHook):
                                   "verify (a CA bundle path must exist on the worker) and proxy") from None
 
     # ----------------------------------------------------------------------------------- auth
+
+    def _guard_material(self) -> str:
+        s = self.settings
+        return "|".join(str(v) for v in (s.base_url, s.auth_type, s.username, s.password, s.client_id,
+                                         s.client_secret))
+
+    def _guard_rejected(self, message: str) -> None:
+        if self.auth_guard is not None:
+            self.auth_guard.rejected(self._guard_material(), message)
 
     def _bearer(self, *, renew: bool = False) -> str:
         with self._token_lock:
@@ -324,6 +340,8 @@ class ServiceNowHook(BaseHook):
                     "client_credentials": "Check client_id/client_secret, that the property "
                     "glide.oauth.inbound.client.credential.grant_type.enabled is true and that the OAuth "
                     "client has an OAuth Application User."}[grant]
+            if resp.status_code in (400, 401) and grant != "refresh_token":
+                self._guard_rejected(f"OAuth {grant} grant refused (HTTP {resp.status_code})")
             raise ServiceNowAuthError(
                 f"OAuth {grant} grant refused by {self.base_url}{TOKEN_PATH} (HTTP {resp.status_code}, "
                 f"the instance said {said!r}). {hint}", status=resp.status_code, answer=said)
@@ -366,6 +384,8 @@ class ServiceNowHook(BaseHook):
             return None, resp
         if resp.status_code >= 300:
             self._raise_for(method, path, resp)
+        if self.auth_guard is not None:
+            self.auth_guard.accepted()
         if resp.status_code == 204 or not resp.content:
             return None, resp
         return self._json(method, path, resp), resp
@@ -412,6 +432,7 @@ class ServiceNowHook(BaseHook):
         where = f"{method} {path} answered HTTP {status}: {said}"
         kw = {"status": status, "answer": said}
         if status == 401:
+            self._guard_rejected(f"{method} {path} answered HTTP 401")
             raise ServiceNowAuthError(f"{where}. The {self.settings.auth_type} credentials of connection "
                                       f"{self.settings.conn_id!r} were not accepted: check them", **kw)
         if status == 400 and str(message).startswith("Invalid table"):

@@ -101,28 +101,16 @@ class DefenderAlertTrigger(BaseEventTrigger):
         """An async client for one source (token header set, never logged) and its alerts path."""
         from airflow.sdk import BaseHook
 
+        from defender_servicenow.hooks.connections import MANAGEMENT_CONSOLE, parse_defender_connection
+
         conn = await BaseHook.aget_connection(conn_id)
-        extra = conn.extra_dejson or {}
-        host = (conn.host or "").strip().rstrip("/")
-        if not host or not conn.password:
-            raise ConfigError(f"connection {conn_id!r} needs a host and an API token (password)")
-        try:
-            timeout = float(extra.get("timeout") or 30)
-        except (TypeError, ValueError):
-            raise ConfigError(f"connection {conn_id!r}: extra 'timeout' must be a number of seconds, "
-                              f"not {extra.get('timeout')!r}") from None
-        if "://" not in host:
-            host = f"https://{host}{f':{conn.port}' if conn.port else ''}"
-        mask_secret(conn.password)
-        verify = extra.get("verify", True)
-        if isinstance(verify, str) and verify.strip().lower() in ("true", "false"):
-            verify = verify.strip().lower() == "true"
-        appliance = (extra.get("appliance") or "sensor").strip().lower()
-        path = "/external/v2/alerts" if appliance == "management_console" else "/api/v2/alerts"
-        client = httpx.AsyncClient(base_url=host, headers={"Authorization": conn.password, "Accept":
-                                                           "application/json"},
-                                   verify=verify, proxy=extra.get("proxy") or None,
-                                   timeout=timeout, follow_redirects=False)
+        settings = parse_defender_connection(conn, conn_id)   # the hook's own parser: same reading
+        mask_secret(settings.token)
+        path = "/external/v2/alerts" if settings.appliance == MANAGEMENT_CONSOLE else "/api/v2/alerts"
+        client = httpx.AsyncClient(base_url=settings.base_url, headers={"Authorization": settings.token,
+                                                                        "Accept": "application/json"},
+                                   verify=settings.verify, proxy=settings.proxy, timeout=settings.timeout,
+                                   follow_redirects=False)
         return client, path
 
     # ------------------------------------------------------------------ run

@@ -1,0 +1,67 @@
+"""Lock-out guard: after a service rejects a connection's credentials, no further login is tried with them
+until the connection's settings change or a cool-down passes (``SERVICENOW_AUTH_COOLDOWN_MINUTES`` /
+``DEFENDER_AUTH_COOLDOWN_MINUTES``, default 30), so that repeated runs cannot lock the integration user out.
+
+State: asset ``defender_servicenow_auth``, key ``servicenow:<conn id>`` or ``defender:<conn id>``:
+``{"status": "ok" | "credentials_rejected", "at", "message", "until", "salt", "fingerprint"}``. The
+fingerprint is a salted PBKDF2 (200,000 rounds) of the connection's settings and secret: it tells whether
+the settings changed without storing anything from which the secret can be recovered cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+AUTH_ASSET = "defender_servicenow_auth"
+ROUNDS = 200_000
+
+
+def _fingerprint(material: str, salt: str) -> str:
+    return hashlib.pbkdf2_hmac("sha256", material.encode(), bytes.fromhex(salt), ROUNDS).hex()
+
+
+class AuthGuard:
+    """:param store: the asset state accessor of ``defender_servicenow_auth`` (sync ``get``/``set``).
+    :param kind: ``servicenow`` or ``defender``. :param material: the connection's settings and secret."""
+
+    def __init__(self, store: Any, kind: str, conn_id: str, *, cooldown_minutes: float,
+                 clock: Callable[[], datetime] | None = None):
+        self.store, self.kind, self.conn_id = store, kind, conn_id
+        self.key = f"{kind}:{conn_id}"
+        self.cooldown = timedelta(minutes=cooldown_minutes)
+        self.clock = clock or (lambda: datetime.now(timezone.utc))
+        self._status: str | None = None
+
+    def check(self, material: str) -> str | None:
+        """A plain sentence when logins are suspended for these settings, else None."""
+        record = self.store.get(self.key) or {}
+        self._status = record.get("status")
+        if record.get("status") != "credentials_rejected":
+            return None
+        try:
+            until = datetime.fromisoformat(record["until"])
+            same = _fingerprint(material, record["salt"]) == record["fingerprint"]
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not same or self.clock() >= until:
+            return None
+        return (f"{self.kind} connection {self.conn_id!r}: its credentials were rejected at {record.get('at')}; "
+                f"no login is tried with them until the connection is changed or {until.isoformat()} "
+                f"(lock-out guard). Fix the connection's credentials.")
+
+    def rejected(self, material: str, message: str) -> None:
+        now, salt = self.clock(), os.urandom(16).hex()
+        self.store.set(self.key, {"status": "credentials_rejected", "at": now.isoformat(),
+                                  "until": (now + self.cooldown).isoformat(), "message": message[:300],
+                                  "salt": salt, "fingerprint": _fingerprint(material, salt)})
+        self._status = "credentials_rejected"
+
+    def accepted(self) -> None:
+        if self._status != "ok":
+            self.store.set(self.key, {"status": "ok", "at": self.clock().isoformat(),
+                                      "message": "credentials accepted"})
+            self._status = "ok"

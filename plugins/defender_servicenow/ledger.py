@@ -1,0 +1,144 @@
+"""Delivery ledger of the alert forwarding engine (pure): which alerts of a source ServiceNow confirmed,
+which are still pending for which destination, which records could not be read at all.
+
+State keys (asset ``defender_iot_alerts``, written only by the forwarding task of that source):
+
+* ``ledger:<conn id>`` = ``{"floor_ms", "keys_since_ms", "done": {alert key: time ms}, "pending": {alert key:
+  {"t": time ms, "dests": ["<conn>|<report type>|<table>", ...]}}}``. ``done`` holds every alert of the
+  reconcile window that needs nothing more (confirmed by ServiceNow for every destination, or matched by no
+  rule); ``pending`` the alerts a destination has not confirmed yet (retried every run, whatever their age).
+  ``floor_ms``: alerts raised before it are never forwarded (rules apply to alerts raised after they existed;
+  a replay forwards older ones). ``keys_since_ms``: when the re-image-proof keys started; alerts raised
+  before it may have records under the previous key (``<conn id>:<alert id>``).
+* ``dead_letter:<conn id>`` = ``{record id: {"reason", "first_at", "last_at", "attempts"}}``: records that
+  cannot be read even with fallbacks (e.g. no alert id); re-read and retried every run while Defender
+  still lists them, counted in the run's summary line.
+* ``status:<conn id>``: the health summary of the contract (``status_record``).
+
+The alert key is ``<conn id>:<alert id>@<alert time ms>``: an appliance re-imaged under the same connection
+restarts its numbering, but not its clock, so a new alert never takes an old alert's key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from defender_servicenow.models import Alert, datetime_to_ms, ms_to_datetime
+from defender_servicenow.rules import Destination
+
+MAX_DEAD_LETTER = 1000
+LEGACY_MARGIN_MS = 10 * 60_000  # a record under the previous key counts when created from alert time - this
+
+
+def alert_key(alert: Alert) -> str:
+    """The re-image-proof identity of an alert (see the module docstring)."""
+    return f"{alert.source}:{alert.id}@{datetime_to_ms(alert.time)}"
+
+
+def legacy_key(alert: Alert) -> str:
+    """The key records were written under before: ``<conn id>:<alert id>``."""
+    return f"{alert.source}:{alert.id}"
+
+
+def ledger_key(source: str) -> str:
+    return f"ledger:{source}"
+
+
+def dead_letter_key(source: str) -> str:
+    return f"dead_letter:{source}"
+
+
+def status_key(source: str) -> str:
+    return f"status:{source}"
+
+
+def dest_text(dest: Destination) -> str:
+    return f"{dest.connection_id}|{dest.report_type}|{dest.table}"
+
+
+def dest_of(text: str) -> Destination:
+    conn, report_type, table = text.split("|")
+    return Destination(conn, report_type, table)
+
+
+@dataclass
+class Ledger:
+    floor_ms: int
+    keys_since_ms: int
+    done: dict[str, int] = field(default_factory=dict)
+    pending: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def from_state(cls, raw: Any) -> Ledger | None:
+        if not isinstance(raw, Mapping) or "floor_ms" not in raw:
+            return None
+        return cls(int(raw["floor_ms"]), int(raw.get("keys_since_ms", raw["floor_ms"])),
+                   {str(k): int(v) for k, v in (raw.get("done") or {}).items()},
+                   {str(k): dict(v) for k, v in (raw.get("pending") or {}).items()})
+
+    def as_state(self) -> dict:
+        return {"floor_ms": self.floor_ms, "keys_since_ms": self.keys_since_ms, "done": self.done,
+                "pending": self.pending}
+
+    def pending_dests(self, key: str) -> set[Destination] | None:
+        entry = self.pending.get(key)
+        return None if entry is None else {dest_of(d) for d in entry.get("dests") or ()}
+
+    def settle(self, alert: Alert, remaining: Iterable[Destination]) -> None:
+        """Record the outcome for one alert: done, or pending for the destinations that did not confirm."""
+        key, ms = alert_key(alert), datetime_to_ms(alert.time)
+        left = sorted(dest_text(d) for d in remaining)
+        if left:
+            self.pending[key] = {"t": ms, "dests": left}
+        else:
+            self.pending.pop(key, None)
+            self.done[key] = ms
+
+    def prune(self, keep_from_ms: int) -> None:
+        """Forget ``done`` entries older than the reconcile window (they are never read again)."""
+        self.done = {k: t for k, t in self.done.items() if t >= keep_from_ms}
+
+    def read_from_ms(self, window_start_ms: int) -> int:
+        """Where the sweep starts: the reconcile window, or earlier for alerts still pending; never before
+        the floor."""
+        oldest = min((int(p["t"]) for p in self.pending.values()), default=window_start_ms)
+        return max(self.floor_ms, min(window_start_ms, oldest))
+
+    def forwarded_up_to(self, alerts: Iterable[Alert], ceiling_ms: int) -> int | None:
+        """The time up to which every alert read is done (pending ones hold it; alerts stamped after
+        ``ceiling_ms``, an appliance clock ahead, do not move it)."""
+        up_to = None
+        for alert in sorted(alerts, key=lambda a: (a.time, a.id)):
+            ms = datetime_to_ms(alert.time)
+            if ms > ceiling_ms or alert_key(alert) not in self.done:
+                break
+            up_to = ms
+        return up_to
+
+
+def note_dead_letters(current: Mapping, invalid: Iterable[tuple[str, str]], now_iso: str) -> dict:
+    """The dead-letter set after a run that could not read ``invalid`` ((record id, reason) pairs).
+
+    Entries seen again are updated (attempts counted); entries not seen again stay (the record may be
+    outside the window read); at most ``MAX_DEAD_LETTER`` are kept, the most recent."""
+    out = {k: dict(v) for k, v in current.items()}
+    for record_id, reason in invalid:
+        entry = out.setdefault(record_id, {"first_at": now_iso, "attempts": 0})
+        entry.update(reason=reason, last_at=now_iso, attempts=int(entry.get("attempts", 0)) + 1)
+    if len(out) > MAX_DEAD_LETTER:
+        out = dict(sorted(out.items(), key=lambda kv: kv[1]["last_at"])[-MAX_DEAD_LETTER:])
+    return out
+
+
+def status_record(*, at: str, kind: str | None, forwarded_up_to_ms: int | None, pending: int, dead_letter: int,
+                  failure: dict | None, previous: Mapping | None, sensors: Mapping[str, int] | None = None) -> dict:
+    """``status:<conn id>`` (contract: health data); ``last_failure`` is kept after a later success."""
+    record = {"at": at, "kind": kind,
+              "forwarded_up_to": ms_to_datetime(forwarded_up_to_ms).isoformat() if forwarded_up_to_ms else None,
+              "pending": pending, "dead_letter": dead_letter, "last_outcome": "failed" if failure else "ok",
+              "last_failure": failure or (previous or {}).get("last_failure")}
+    if sensors:
+        record["sensors"] = {name: ms_to_datetime(ms).isoformat() for name, ms in sorted(sensors.items())}
+    return record

@@ -1,0 +1,50 @@
+"""Case 8: the alert trigger reads a Defender connection exactly as the hook does (one parser)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from defender_servicenow.hooks.connections import parse_defender_connection
+from defender_servicenow.hooks.defender import DefenderIoTHook
+from defender_servicenow.triggers.alerts import DefenderAlertTrigger
+
+CASES = [  # (host, port, password, extra) -> expected base URL, token, verify
+    ("appliance.example", None, "tok", {}, "https://appliance.example", "tok", True),
+    ("https://appliance.example", 8443, "tok", {}, "https://appliance.example:8443", "tok", True),
+    ("appliance.example", 8443, "tok\n", {"verify": "no"}, "https://appliance.example:8443", "tok", False),
+    ("http://10.1.0.2/", None, " tok ", {"verify": "0"}, "http://10.1.0.2", "tok", False),
+    ("10.1.0.2", None, "tok", {"verify": "yes"}, "https://10.1.0.2", "tok", True),
+    ("10.1.0.2", None, "tok", {"verify": "1", "appliance": "management_console"}, "https://10.1.0.2", "tok", True),
+]
+
+
+@pytest.mark.parametrize("host, port, password, extra, url, token, verify", CASES)
+def test_hook_and_trigger_read_a_connection_the_same_way(monkeypatch, host, port, password, extra, url, token,
+                                                          verify):
+    conn = {"conn_type": "defender_iot", "host": host, "password": password, "extra": extra}
+    if port:
+        conn["port"] = port
+    monkeypatch.setenv("AIRFLOW_CONN_DEFENDER_PARSE", json.dumps(conn))
+    hook = DefenderIoTHook("defender_parse")
+    assert (hook.base_url, hook._settings.token, hook._settings.verify) == (url, token, verify)
+
+    async def trigger_client():
+        client, path = await DefenderAlertTrigger(sources=["defender_parse"])._client("defender_parse")
+        try:
+            return str(client.base_url).rstrip("/"), client.headers["Authorization"], path
+        finally:
+            await client.aclose()
+
+    base, header, path = asyncio.run(trigger_client())
+    assert (base, header) == (url, token)
+    assert path == ("/external/v2/alerts" if extra.get("appliance") == "management_console" else "/api/v2/alerts")
+
+
+def test_the_parser_names_the_field():
+    class Conn:
+        conn_id, host, port, password, extra_dejson = "c", "h", None, "a\nb", {}
+
+    with pytest.raises(Exception, match="control characters"):
+        parse_defender_connection(Conn())
