@@ -391,6 +391,7 @@ def create_app(config: AzureSimConfig | None = None) -> FastAPI:
     async def token(tenant: str, request: Request):
         sim.counters["token"] += 1
         form = await request.form()
+
         def aad(status: int, error: str, code: int, text: str) -> JSONResponse:
             return JSONResponse({"error": error, "error_description": f"AADSTS{code}: {text} Trace ID: "
                                  f"{uuid.uuid4()} Correlation ID: {uuid.uuid4()} Timestamp: "
