@@ -6,7 +6,6 @@ import logging
 from datetime import datetime, timedelta, timezone
 
 import pytest
-
 from defender_servicenow.exceptions import ConfigError, DefenderAuthError, DefenderError
 from defender_servicenow.hooks import _http
 from defender_servicenow.hooks.azure import (
@@ -17,6 +16,7 @@ from defender_servicenow.hooks.azure import (
     parse_resets_after,
 )
 from defender_servicenow.models import Alert, Device, InvalidRecord
+
 from include.simulators.azure_sim import SIM_CLIENT_SECRET, SIM_READER_ID
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from defender_servicenow.azure_models import SEVERITY_MAP, parse_azure_alert, parse_azure_device, stable_id
 from defender_servicenow.models import Alert, Device, InvalidRecord
 

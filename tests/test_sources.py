@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from defender_servicenow.exceptions import ConfigError
 from defender_servicenow.hooks.defender import DefenderIoTHook
 from defender_servicenow.models import Alert
