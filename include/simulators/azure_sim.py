@@ -519,8 +519,9 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--alerts", type=int, default=30)
     parser.add_argument("--token-lifetime", type=int, default=3599)
+    parser.add_argument("--quota", type=int, default=15, help="queries per 5 s per principal")
     args = parser.parse_args()
-    serve_forever(create_app(AzureSimConfig(devices=args.devices, alerts=args.alerts,
+    serve_forever(create_app(AzureSimConfig(devices=args.devices, alerts=args.alerts, quota=args.quota,
                                             token_lifetime=args.token_lifetime)), args.port)
 
 
