@@ -101,9 +101,9 @@ def test_quota_exhaustion_waits_for_reset(azure_sim_factory, monkeypatch):
 
     sleeps: list[float] = []
     monkeypatch.setattr(_http, "_sleep", lambda s: (sleeps.append(s), _time.sleep(s)))
-    sim = azure_sim_factory(devices=3000, quota=2, quota_window=0.5)
-    hook = DefenderIoTAzureHook(sim.conn_id)
-    assert len([d for d in hook.iter_devices() if isinstance(d, Device)]) > 2000
+    sim = azure_sim_factory(devices=300, quota=2, quota_window=1.0)
+    hook = DefenderIoTAzureHook(sim.conn_id, page_size=100)   # small pages: many requests in one window
+    assert len([d for d in hook.iter_devices() if isinstance(d, Device)]) > 200
     assert sleeps and hook.throttled == 0   # it waited on the quota header, never ran into a 429
 
 
@@ -186,3 +186,24 @@ def test_invalid_record_is_counted_not_raised(azure_sim_factory, sleeps):
     records = list(DefenderIoTAzureHook(sim.conn_id).iter_devices())
     invalid = [r for r in records if isinstance(r, InvalidRecord)]
     assert len(invalid) == 2 and "ARM 'id'" in invalid[0].reason
+
+
+def test_spent_quota_with_zero_reset_still_waits(azure_sim_factory, sleeps, monkeypatch):
+    """ARG may say remaining 0 with resets-after 00:00:00 (the window ends within the second): the next
+    request still waits instead of running into a 429."""
+    sim = azure_sim_factory(devices=10)
+    hook = DefenderIoTAzureHook(sim.conn_id)
+    real_send = hook._send
+
+    def send(method, url, **kw):
+        response = real_send(method, url, **kw)
+        if "ResourceGraph" in url:
+            response.headers["x-ms-user-quota-remaining"] = "0"
+            response.headers["x-ms-user-quota-resets-after"] = "00:00:00"
+        return response
+
+    monkeypatch.setattr(hook, "_send", send)
+    hook.get_alerts()
+    assert not sleeps
+    hook.get_alerts()
+    assert sleeps and sleeps[0] > 0

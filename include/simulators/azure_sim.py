@@ -33,6 +33,7 @@ import argparse
 import base64
 import hashlib
 import json
+import math
 import re
 import secrets
 import threading
@@ -432,7 +433,7 @@ def create_app(config: AzureSimConfig | None = None) -> FastAPI:
         if sim.faults["throttle_next"] > 0:
             sim.faults["throttle_next"] -= 1
             allowed = False
-        hh, rest = divmod(int(resets + 0.999), 3600)
+        hh, rest = divmod(math.ceil(resets), 3600)
         headers = {"x-ms-user-quota-remaining": str(max(0, remaining)),
                    "x-ms-user-quota-resets-after": f"{hh:02d}:{rest // 60:02d}:{rest % 60:02d}"}
         if not allowed:

@@ -311,8 +311,8 @@ class DefenderIoTAzureHook(BaseHook):
             response = self._send(method, url, headers=headers, **kw)
             remaining = response.headers.get("x-ms-user-quota-remaining")
             resets = parse_resets_after(response.headers.get("x-ms-user-quota-resets-after"))
-            if remaining is not None and remaining.strip() == "0" and resets:
-                self._quota_wait_until = time.monotonic() + resets
+            if remaining is not None and remaining.strip() == "0":   # "00:00:00" or none: wait a second
+                self._quota_wait_until = time.monotonic() + (resets or 1.0)
             if response.status_code == 401 and not renewed:
                 self._token, renewed = None, True   # expired or revoked: one fresh token, then give up
                 continue
