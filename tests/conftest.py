@@ -34,6 +34,7 @@ for _name in ("DEFENDER_SOURCES", "DEFENDER_SYNC_FREQUENCY_MINUTES", "SERVICENOW
 pytest_plugins = [
     "tests.fixtures.servicenow",
     "tests.fixtures.defender",
+    "tests.fixtures.azure",
 ]
 
 

@@ -61,7 +61,8 @@ def test_provider_info_registers_both_connection_types():
 
     info = get_provider_info()
     types = {c["connection-type"]: c for c in info["connection-types"]}
-    assert set(types) == {"servicenow", "defender_iot"}
+    assert set(types) == {"servicenow", "defender_iot", "defender_iot_azure"}
+    assert types["defender_iot_azure"]["hook-class-name"].endswith("DefenderIoTAzureHook")
     assert types["servicenow"]["conn-fields"]["client_secret"]["schema"]["format"] == "password"
     assert info["package-name"] == "airflow-provider-defender-servicenow"
 

@@ -1,4 +1,4 @@
-"""Provider metadata: registers the ``servicenow`` and ``defender_iot`` connection types."""
+"""Provider metadata: registers the ``servicenow``, ``defender_iot`` and ``defender_iot_azure`` connection types."""
 
 from __future__ import annotations
 
@@ -88,6 +88,61 @@ def get_provider_info() -> dict:
                     "name": {
                         "label": "Display name",
                         "description": "name of the appliance in ServiceNow (default: the host)",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "verify": _VERIFY,
+                    "proxy": _PROXY,
+                    "timeout": _TIMEOUT,
+                },
+            },
+            {
+                "connection-type": "defender_iot_azure",
+                "hook-class-name": "defender_servicenow.hooks.azure.DefenderIoTAzureHook",
+                "hook-name": "Microsoft Defender for IoT (Azure)",
+                "ui-field-behaviour": {
+                    "hidden-fields": ["schema", "port", "host"],
+                    "relabeling": {"login": "Application (client) ID", "password": "Client secret"},
+                    "placeholders": {"login": "00000000-0000-0000-0000-000000000000"},
+                },
+                "conn-fields": {
+                    "tenant_id": {
+                        "label": "Tenant ID",
+                        "description": "the Entra ID tenant (directory) id (required)",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "subscriptions": {
+                        "label": "Subscriptions",
+                        "description": "subscription ids, comma-separated or a JSON list (or set a management group)",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "management_group": {
+                        "label": "Management group",
+                        "description": "optional: read every subscription under this management group instead",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "authority": {
+                        "label": "Authority",
+                        "description": "default https://login.microsoftonline.com (sovereign clouds differ)",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "resource_manager": {
+                        "label": "Resource Manager endpoint",
+                        "description": "default https://management.azure.com (sovereign clouds differ)",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "name": {
+                        "label": "Display name",
+                        "description": "name of this source in ServiceNow (default Microsoft Defender for IoT (Azure))",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "sites": {
+                        "label": "Sites",
+                        "description": "optional: only these site names (comma-separated)",
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "sensors": {
+                        "label": "Sensors",
+                        "description": "optional: only these sensor names (comma-separated)",
                         "schema": {"type": ["string", "null"]},
                     },
                     "verify": _VERIFY,

@@ -96,6 +96,11 @@ class Device(_Model):
     last_seen: datetime | None = None
     issues: list[str] = Field(default_factory=list,
                               description="values dropped while normalising (e.g. an invalid MAC), for logs")
+    # Azure (cloud-connected sensors) only; None for appliance devices.
+    resource_id: str | None = Field(default=None, description="Azure Resource Manager id of the device")
+    hardware_model: str | None = None
+    serial_number: str | None = None
+    criticality: str | None = None
 
     @property
     def native_key(self) -> str:
@@ -126,6 +131,9 @@ class Alert(_Model):
     zone_name: str | None = None
     site_id: int | None = None
     site_name: str | None = None
+    # Azure (cloud-connected sensors) only; None for appliance alerts.
+    resource_id: str | None = Field(default=None, description="Azure Resource Manager id of the alert")
+    status: str | None = Field(default=None, description="Azure alert status: New, InProgress or Closed")
 
     @property
     def key(self) -> str:
