@@ -16,11 +16,12 @@ def client(airflow_db, monkeypatch):
     from fastapi.testclient import TestClient
 
     monkeypatch.setenv("DEFENDER_SOURCES", "sensor_ok,sensor_bad")
-    monkeypatch.setenv("SERVICENOW_CONN_ID", "servicenow_default")
+    # A connection id of its own: other tests in the session record the state of servicenow_default.
+    monkeypatch.setenv("SERVICENOW_CONN_ID", "servicenow_health")
     monkeypatch.setenv("AIRFLOW_CONN_SENSOR_OK", json.dumps(
         {"conn_type": "defender_iot", "host": "https://10.0.0.1", "password": SECRETS[2],
          "extra": {"appliance": "sensor"}}))
-    monkeypatch.setenv("AIRFLOW_CONN_SERVICENOW_DEFAULT", json.dumps(
+    monkeypatch.setenv("AIRFLOW_CONN_SERVICENOW_HEALTH", json.dumps(
         {"conn_type": "servicenow", "host": "https://sn.example", "login": "u", "password": SECRETS[0],
          "extra": {"client_id": "c", "client_secret": SECRETS[1]}}))
     from airflow.api_fastapi.app import create_app
@@ -80,7 +81,7 @@ def test_logged_in_user_gets_the_json_and_no_secret(client):
     assert set(ok) == {"id", "kind", "status", "last_sync", "last_counts", "last_failure", "alerts"}
     assert ok["status"] == "ok" and ok["kind"] == "sensor" and ok["last_counts"]["seen"] == 3
     assert by_id["sensor_bad"]["status"] == "never" and by_id["sensor_bad"]["kind"] is None
-    assert doc["servicenow"] == {"id": "servicenow_default", "status": "unknown"}
+    assert doc["servicenow"] == {"id": "servicenow_health", "status": "unknown"}
     assert not [s for s in SECRETS if s in resp.text]
 
 
