@@ -1,6 +1,6 @@
 """Contract tests for the Defender for IoT simulator: real HTTP against the running app.
 
-They pin the shapes documented in /work/shared/reference/defender-api.md for both kinds of appliance.
+They pin the shapes documented by Microsoft for both kinds of appliance.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Contract tests for the ServiceNow simulator: real HTTP against the running app, pinning the documented
-shapes of /work/shared/reference/servicenow-api.md (OAuth, Table API, Batch, IRE, faults)."""
+shapes of ServiceNow's REST APIs (OAuth, Table API, Batch, IRE, faults)."""
 
 from __future__ import annotations
 

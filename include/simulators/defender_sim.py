@@ -1,5 +1,5 @@
 """Microsoft Defender for IoT simulator: an OT sensor (``/api/...``) or an on-premises management console
-(``/external/...``), built from /work/shared/reference/defender-api.md (sections 3, 4, 5 and 11).
+(``/external/...``), built from Microsoft's published sensor and management console API documentation.
 
 Run: ``python -m include.simulators.defender_sim --port 8443 --mode management_console --devices 1000``.
 Control routes (no auth) live under ``/sim``; see :func:`create_app`.

@@ -5,7 +5,7 @@ when it is asked for (:meth:`Inventory.device`), and only a few compact arrays (
 first-seen and last-update times) are kept for filtering. Times are offsets back from ``anchor_ms``; with the
 same seed and anchor the output is identical.
 
-Data shapes follow /work/shared/reference/defender-api.md (sections 3-5). The documented sample records are
+Data shapes follow Microsoft's published Defender for IoT API documentation. The documented sample records are
 kept verbatim (as valid JSON) in the ``SAMPLE_*`` constants; inventory device 79 carries the documented
 sample device body. On purpose, some records are messy (no MAC/IP, several IPs, IPv6, odd MAC formats,
 non-ASCII and very long names, ``N/A`` firmware values) and a few are invalid (a malformed IP, a malformed

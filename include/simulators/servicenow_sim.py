@@ -1,6 +1,6 @@
 """ServiceNow simulator (FastAPI): OAuth token endpoint, Table API, Batch API, IRE, Import Set and CMDB
 Instance APIs, with the documented envelopes, headers and failure modes of a real instance
-(see /work/shared/reference/servicenow-api.md, section 9).
+(as documented by ServiceNow).
 
 Run: ``python -m include.simulators.servicenow_sim --port 8080 [--token-lifetime S] [--latency-ms MS]
 [--ire-item-ms MS] [--rate-limit-per-hour N]`` (binds 127.0.0.1).
