@@ -53,9 +53,9 @@ def start(module: str, *args: str) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"{module} did not start within 120 s")
 
 
-def sim(url: str, path: str, body: dict | None = None) -> dict:
+def sim(url: str, path: str, body: dict | None = None, method: str | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url + path, data=data, method="POST" if body is not None else "GET",
+    req = urllib.request.Request(url + path, data=data, method=method or ("POST" if body is not None else "GET"),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as resp:
         return json.loads(resp.read() or b"{}")
@@ -157,6 +157,12 @@ def main() -> None:
         state, mapping = MemoryStateStore(), load_class_mapping()
         first_reqs, first_wall = run_sync("engine: first sync", "defender_bench", sn_url, state, mapping, devices=n)
         run_sync("engine: no-change resync", "defender_bench", sn_url, state, mapping, devices=n)
+        known = sorted({device_id for key, shard in state.data.items() if "/devices/" in key for device_id in shard},
+                       key=int)
+        for device_id in known[::100]:                                 # 1% of the devices change
+            sim(def_url, f"/sim/devices/{device_id}", {"vendor": "Bench Vendor"}, method="PATCH")
+        run_sync(f"engine: resync, {len(known[::100]):,} changed (1%)", "defender_bench", sn_url, state, mapping,
+                 devices=n)
         print(f"{'':<34} peak RSS of this process so far: "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB (Airflow imports included)")
         if ARGS.baseline_devices:
