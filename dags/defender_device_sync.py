@@ -35,12 +35,17 @@ FREQUENCY_MINUTES = settings.sync_frequency_minutes()
 SERVICENOW_CONN_ID = settings.servicenow_conn_id()
 RETIRE_AFTER_MISSING_RUNS = settings.retire_after_missing_runs()
 MATCH_BY_NAME = settings.sync_match_by_name()   # opt-in: devices without serial/MAC may join same-named CIs
+SN_COOLDOWN = settings.servicenow_auth_cooldown_minutes()
+DEFENDER_COOLDOWN = settings.defender_auth_cooldown_minutes()
 AIRFLOW_API_CONN_ID = settings.airflow_api_conn_id()   # optional: write the summary as the run's note
 IRE_BATCH_SIZE = 100      # items per IRE request
 IRE_PARALLEL = 4          # IRE requests in flight per source
 
 # Change-detection state (asset state store; keys "<source>/..." are written only by that source's task).
 SYNC_STATE = Asset(name="defender_device_sync_state")
+# Lock-out guard state (hooks/lockout.py), shared with the forwarding DAG: after rejected credentials no
+# login is tried with them until the connection changes or the cool-down passes.
+AUTH = Asset(name="defender_servicenow_auth")
 # One asset per source, "defender_device_sync/<source>", whose events carry the Last Sync counts.
 LAST_SYNC = AssetAlias(name="defender_device_sync_last_sync")
 # Failures that a retry cannot fix: fail at once with the plain reason. (Rejected credentials are not
@@ -122,10 +127,11 @@ def defender_device_sync():
         log.info("Syncing %d source(s): %s", len(selected), ", ".join(selected))
         return selected
 
-    @task(inlets=[SYNC_STATE], outlets=[LAST_SYNC], map_index_template="{{ defender_source }}")
+    @task(inlets=[SYNC_STATE, AUTH], outlets=[LAST_SYNC], map_index_template="{{ defender_source }}")
     def sync_source(source: str, params=None, asset_state_store=None, outlet_events=None) -> dict:
         from airflow.sdk import get_current_context
         from defender_servicenow.hooks.defender import DefenderIoTHook
+        from defender_servicenow.hooks.lockout import AuthGuard
         from defender_servicenow.hooks.servicenow import ServiceNowHook
         from defender_servicenow.mapping import load_class_mapping
         from defender_servicenow.sync import DeviceSync, max_value_bytes, record_failure
@@ -141,9 +147,13 @@ def defender_device_sync():
 
         defender = None
         try:
-            defender = DefenderIoTHook(source)
+            auth = asset_state_store[AUTH]
+            defender = DefenderIoTHook(source, auth_guard=AuthGuard(
+                auth, "defender", source, cooldown_minutes=DEFENDER_COOLDOWN))
+            servicenow = ServiceNowHook(SERVICENOW_CONN_ID, auth_guard=AuthGuard(
+                auth, "servicenow", SERVICENOW_CONN_ID, cooldown_minutes=SN_COOLDOWN))
             summary = DeviceSync(
-                source=source, defender=defender, servicenow=ServiceNowHook(SERVICENOW_CONN_ID),
+                source=source, defender=defender, servicenow=servicenow,
                 state_store=store, mapping=load_class_mapping(),
                 source_name=settings.source_name(), data_source=settings.data_source(),
                 batch_size=IRE_BATCH_SIZE, parallel=IRE_PARALLEL, full_resync=bool(params["full_resync"]),

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from include.simulators.servicenow_sim import SIM_PASSWORD
+
 DAG_FILE = Path(__file__).resolve().parents[1] / "dags" / "defender_device_sync.py"
 
 
@@ -236,3 +238,25 @@ def sync_state(key: str):
                               .where(AssetModel.name == "defender_device_sync_state",
                                      AssetStateStoreModel.key == key)).one()
         return json.loads(row.value)
+
+
+@pytest.mark.airflow_db
+def test_rejected_servicenow_credentials_stop_further_logins_by_the_sync(airflow_db, monkeypatch, defender_sim_factory,
+                                                                        servicenow_conn, fast_servicenow_retries, capfd):
+    """After ServiceNow rejects the credentials, the next sync fails plainly without a request to ServiceNow
+    (the lock-out guard shared with the forwarding DAG), so scheduled runs cannot lock the user out."""
+    defender_sim_factory(mode="sensor", devices=5, conn_id="dagtest_sensor_1")
+    monkeypatch.setenv("DEFENDER_SOURCES", "dagtest_sensor_1")
+    sn = servicenow_conn.sim
+    sn.set_faults(reject_credentials=True, revoke_tokens=True)
+    first = run_dag()
+    assert str(getattr(first.state, "value", first.state)) == "failed"
+    sent = sn.counters()["requests"]
+    assert sent > 0
+    second = run_dag()
+    assert str(getattr(second.state, "value", second.state)) == "failed"
+    assert sn.counters()["requests"] == sent                      # no login attempt while locked
+    out, err = capfd.readouterr()
+    assert "lock-out guard" in out + err
+    assert "lock-out guard" in sync_state("dagtest_sensor_1/meta")["last_failure"]["message"]
+    assert SIM_PASSWORD not in out + err
