@@ -245,8 +245,9 @@ def test_rejected_servicenow_credentials_stop_further_logins_by_the_sync(airflow
                                                                         servicenow_conn, fast_servicenow_retries, capfd):
     """After ServiceNow rejects the credentials, the next sync fails plainly without a request to ServiceNow
     (the lock-out guard shared with the forwarding DAG), so scheduled runs cannot lock the user out."""
-    defender_sim_factory(mode="sensor", devices=5, conn_id="dagtest_sensor_1")
-    monkeypatch.setenv("DEFENDER_SOURCES", "dagtest_sensor_1")
+    # A source of its own: other tests leave sync state for dagtest_sensor_1, and an unchanged sync needs no login.
+    defender_sim_factory(mode="sensor", devices=5, conn_id="dagtest_lockout_sensor")
+    monkeypatch.setenv("DEFENDER_SOURCES", "dagtest_lockout_sensor")
     sn = servicenow_conn.sim
     sn.set_faults(reject_credentials=True, revoke_tokens=True)
     first = run_dag()
@@ -258,5 +259,5 @@ def test_rejected_servicenow_credentials_stop_further_logins_by_the_sync(airflow
     assert sn.counters()["requests"] == sent                      # no login attempt while locked
     out, err = capfd.readouterr()
     assert "lock-out guard" in out + err
-    assert "lock-out guard" in sync_state("dagtest_sensor_1/meta")["last_failure"]["message"]
+    assert "lock-out guard" in sync_state("dagtest_lockout_sensor/meta")["last_failure"]["message"]
     assert SIM_PASSWORD not in out + err
