@@ -3,6 +3,7 @@ alerts, malformed alerts, re-imaged appliances and upgrades from the previous ke
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
 
 from defender_servicenow.rules import parse_rules
@@ -94,6 +95,10 @@ def test_records_written_under_the_previous_keys_are_recognised_after_the_upgrad
             a["time"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")})
     state = DictState({"rule_first_seen:all": datetime(2000, 1, 1, tzinfo=timezone.utc).isoformat(),
                        f"forwarded_up_to:{SRC}": {"time_ms": done[0]["time"] - 1, "ids": []}})
+    # The upgrade happens after these alerts were raised: the simulator stamps alerts with a strictly
+    # increasing clock that may run a millisecond ahead of this one, so wait until it has passed them.
+    while datetime.now(timezone.utc).timestamp() * 1000 <= max(a["time"] for a in done):
+        time.sleep(0.005)
     (report,) = forwarder(rules, state).run([SRC])
     assert (report.created, report.present) == (0, 4)
     assert len(sn.sim.table("incident")) == 2 and len(sn.sim.table("u_defender_iot_alert")) == 2
