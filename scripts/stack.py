@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,6 +267,7 @@ class Stack(Managed):
             env[f"AIRFLOW_CONN_{source.conn_id.upper()}"] = json.dumps({
                 "conn_type": "defender_iot", "host": self.defender_urls[source.conn_id], "password": SIM_TOKEN,
                 "extra": {"appliance": source.mode, "name": source.name}})
+        env.update(self._sqlite_environment())
         env.update(self._celery_environment())
         if o.fast:
             env.update({"AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
@@ -275,6 +277,18 @@ class Stack(Managed):
             env["DEFENDER_ALERT_POLL_SECONDS"] = str(o.alert_poll_seconds)
         env.update(o.extra_env)
         return env
+
+    def _sqlite_environment(self) -> dict[str, str]:
+        """On SQLite, let a writer wait up to 60 s for the database lock (pysqlite's default is 5 s): with the
+        scheduler, dag-processor, triggerer and API server writing on 2 busy cores, 5 s was too short once in
+        CI (POST /dagRuns answered 500 "Database error")."""
+        if self.options.sql_alchemy_conn:
+            return {}
+        config = self.home / "config"  # on every component's sys.path (see _celery_environment)
+        config.mkdir(exist_ok=True)
+        (config / "stack_sqlite.py").write_text('CONNECT_ARGS = {"timeout": 60}\n')
+        return {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "stack_sqlite.CONNECT_ARGS",
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": "stack_sqlite.CONNECT_ARGS"}
 
     def _celery_environment(self) -> dict[str, str]:
         """CeleryExecutor settings, and the hostname each worker's task instances report."""
@@ -397,9 +411,18 @@ class Stack(Managed):
                 f"{e['filename']}: {e['stack_trace'].strip().splitlines()[-1]}" for e in errors))
 
     def trigger(self, dag_id: str, conf: dict | None = None) -> str:
-        run = self.api_json("POST", f"/api/v2/dags/{dag_id}/dagRuns",
-                            json={"logical_date": None, "conf": conf or {}})
-        return run["dag_run_id"]
+        """Start a run; a 500 "Database error" (a lock on a busy SQLite) is retried under the same run id, so a
+        retry can never start a second run (409: the first attempt did create it)."""
+        run_id = f"manual__stack_{uuid.uuid4().hex[:12]}"
+        body = {"dag_run_id": run_id, "logical_date": None, "conf": conf or {}}
+        for attempt in range(3):
+            resp = self.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", json=body)
+            if resp.status_code in (200, 201) or (resp.status_code == 409 and attempt):
+                return run_id
+            if resp.status_code != 500 or "Database error" not in resp.text:
+                break
+            time.sleep(2)
+        raise StackError(f"POST /api/v2/dags/{dag_id}/dagRuns answered {resp.status_code}: {resp.text[:300]}")
 
     def run_state(self, dag_id: str, run_id: str) -> str:
         return self.api_json("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"]

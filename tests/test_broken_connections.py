@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import threading
 
@@ -17,6 +18,26 @@ from defender_servicenow.exceptions import (
 )
 from defender_servicenow.hooks.defender import DefenderIoTHook
 from defender_servicenow.hooks.servicenow import BatchRequest, ServiceNowHook
+
+
+def _read_request(conn: socket.socket) -> None:
+    """Read one whole request (headers and Content-Length body): answering while the client is still sending
+    resets the connection, which made the test fail on a ConnectionError in 1 of many CI runs."""
+    conn.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    length = int(match.group(1)) if match else 0
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        body += chunk
 
 
 def serve(answer: bytes, count: int = 10) -> int:
@@ -34,14 +55,14 @@ def serve(answer: bytes, count: int = 10) -> int:
                 except OSError:
                     return
                 with conn:
-                    conn.recv(65536)
+                    _read_request(conn)
                     conn.sendall(answer)
 
     threading.Thread(target=run, daemon=True).start()
     return sock.getsockname()[1]
 
 
-CUT_OFF = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+CUT_OFF = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n"
            b'{"result": [{"id": 1')
 
 
@@ -66,8 +87,8 @@ def test_batch_answers_with_unknown_ids_do_not_loop(monkeypatch):
     body = json.dumps({"batch_request_id": "1", "unserviced_requests": [], "serviced_requests": [
         {"id": "not-ours", "status_code": 201, "status_text": "Created", "headers": [],
          "body": base64.b64encode(b'{"result": {}}').decode()}]}).encode()
-    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
-              + b"\r\n\r\n" + body)
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: "
+              + str(len(body)).encode() + b"\r\n\r\n" + body)
     port = serve(answer, count=20)
     monkeypatch.setenv("AIRFLOW_CONN_SN_LOOP", json.dumps({"conn_type": "servicenow",
                        "host": f"http://127.0.0.1:{port}", "login": "svc", "password": "Pa55-word-x"}))

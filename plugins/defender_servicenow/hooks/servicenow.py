@@ -565,7 +565,7 @@ class ServiceNowHook(BaseHook):
                     # did not send must not make us resubmit (and so repeat) the same creates forever.
                     stalled = 0 if len(pending) < before else stalled + 1
                     self.log.info("Batch API left %d of %d requests unserviced; resubmitting them",
-                                  len(pending), len(pending) + len(served))
+                                  len(pending), before)
                     if stalled >= max_rounds:
                         raise ServiceNowError(
                             f"POST {BATCH_PATH}: {len(pending)} requests stayed unserviced after {max_rounds} "
