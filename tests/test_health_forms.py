@@ -49,3 +49,12 @@ def test_servicenow_connection_form_offers_no_null_auth_type():
     servicenow = next(c for c in get_provider_info()["connection-types"] if c["connection-type"] == "servicenow")
     assert servicenow["conn-fields"]["auth_type"]["schema"]["enum"] == [
         "oauth_password", "oauth_client_credentials", "basic"]
+
+
+def test_defender_connection_form_offers_no_null_appliance():
+    from defender_servicenow.get_provider_info import get_provider_info
+
+    defender = next(c for c in get_provider_info()["connection-types"] if c["connection-type"] == "defender_iot")
+    schema = defender["conn-fields"]["appliance"]["schema"]
+    assert schema["enum"] == ["sensor", "management_console"]
+    assert schema["default"] == "sensor"

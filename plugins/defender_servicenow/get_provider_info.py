@@ -82,7 +82,7 @@ def get_provider_info() -> dict:
                         "label": "Appliance",
                         "description": "sensor (OT sensor API, /api/...) or management_console "
                         "(on-premises management console API, /external/...)",
-                        "schema": {"type": ["string", "null"], "enum": ["sensor", "management_console", None],
+                        "schema": {"type": ["string", "null"], "enum": ["sensor", "management_console"],
                                    "default": "sensor"},
                     },
                     "name": {
