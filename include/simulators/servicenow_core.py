@@ -246,6 +246,18 @@ class Simulator:
     def has_table(self, table: str) -> bool:
         return table in self.data
 
+    def add_table(self, table: str) -> None:
+        """A standard table appears later, as when an admin activates its plugin (e.g. Security Incident
+        Response's ``sn_si_incident`` on an instance started with ``absent_tables``)."""
+        with self.lock:
+            if table in self.data:
+                return
+            if table in PARENTS:
+                self.parents[table] = PARENTS[table]
+            self.data[table] = {}
+            self.idx[table] = defaultdict(dict)
+            self._cache.clear()
+
     def ancestors(self, table: str) -> list[str]:
         chain = self._cache.get(("anc", table))
         if chain is None:
