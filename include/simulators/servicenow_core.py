@@ -677,6 +677,9 @@ class Simulator:
         with self.lock:
             for item in self.faults.fail_next:
                 if path.startswith(item["path_prefix"]) and item["count"] > 0:
+                    if item.get("after", 0) > 0:   # let this many matching requests through first
+                        item["after"] -= 1
+                        continue
                     item["count"] -= 1
                     if item["count"] <= 0:
                         self.faults.fail_next.remove(item)
