@@ -262,6 +262,7 @@ class AlertForwarder:
             else:
                 read_from = ledger.read_from_ms(now_ms - self.reconcile_ms)
                 records = dhook.get_alerts(from_time=ms_to_datetime(read_from))
+                ledger.start_keys((r for r in records if isinstance(r, Alert)), now_ms)
                 report.window = f"reconciling from {ms_to_datetime(read_from).isoformat()}"
             invalid = [r for r in records if isinstance(r, InvalidRecord)]
             report.invalid = [f"{r.record_id}: {r.reason}" for r in invalid]
@@ -340,14 +341,14 @@ class AlertForwarder:
                 floor = watched
             log.info("%s: no forwarding ledger yet; forwarding alerts raised from %s (earlier alerts are not "
                      "replayed; use the since/until params for that)", source, ms_to_datetime(floor).isoformat())
-        ledger = Ledger(floor_ms=floor, keys_since_ms=now_ms)
+        ledger = Ledger(floor_ms=floor, keys_since_ms=None)   # set by the first read (Ledger.start_keys)
         if not self.dry_run:
             self.state.set(ledger_key(source), ledger.as_state())
         return ledger
 
     def _keys_since(self, source: str, now_ms: int) -> int:
         ledger = Ledger.from_state(self.state.get(ledger_key(source)))
-        return ledger.keys_since_ms if ledger is not None else now_ms
+        return ledger.keys_since_ms if ledger is not None and ledger.keys_since_ms is not None else now_ms
 
     def _finish(self, source: str, report: SourceReport, kind: str | None, ledger: Ledger | None,
                 valid: Sequence[Alert], now_ms: int, *, invalid: Sequence[InvalidRecord] | None) -> None:
