@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from airflow.sdk.exceptions import AirflowNotFoundException
 
 from defender_servicenow import settings
+from defender_servicenow.columns import ColumnLengths
 from defender_servicenow.exceptions import (
     DefenderAuthError,
     IntegrationError,
@@ -210,6 +211,7 @@ class AlertForwarder:
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self.failure_context = dict(failure_context or {})
         self._sn_hooks: dict[str, Any] = {}
+        self._columns = ColumnLengths(d for r in rules.enabled for d in rules.destinations_of(r))
         hours = settings.alert_reconcile_hours() if reconcile_hours is None else reconcile_hours
         self.reconcile_ms = int(hours * 3_600_000)
         minutes = settings.sync_frequency_minutes() if inventory_minutes is None else inventory_minutes
@@ -489,6 +491,7 @@ class AlertForwarder:
 
     def _write(self, hook, dest: Destination, items: Sequence[AlertContext],
                pending: dict[str, set[Destination]], report: SourceReport, keys_since_ms: int) -> None:
+        self._columns.check(hook, dest, [record_key(dest, c.alert) for c in items])   # read once per run
         existing = self._existing(hook, dest, items, keys_since_ms)
         create = []
         for c in items:
