@@ -23,6 +23,20 @@ def run(rules, state, sources=(CONN,), action="handle"):
                                 servicenow_hook=ServiceNowHook)
 
 
+def listing_times(call):
+    """``(call(), [from_time of every console alert listing made during it])``."""
+    seen = []
+    real = DefenderIoTHook.get_alerts
+
+    def spy(self, *args, **kw):
+        seen.append(kw.get("from_time"))
+        return real(self, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DefenderIoTHook, "get_alerts", spy)
+        return call(), seen
+
+
 @pytest.fixture
 def forwarded(defender_sim_factory, servicenow_conn):
     """Three alerts forwarded as incidents from a management console."""
@@ -105,16 +119,7 @@ def test_the_unhandled_listing_is_bounded_by_time(forwarded):
     """Case 11: the console's unhandled alerts are listed from the closed incidents' alert times only."""
     d, sn, rules, state, alerts, incidents = forwarded
     close(incidents[str(alerts[0]["id"])])
-    seen = []
-    real = DefenderIoTHook.get_alerts
-
-    def spy(self, *args, **kw):
-        seen.append(kw.get("from_time"))
-        return real(self, *args, **kw)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(DefenderIoTHook, "get_alerts", spy)
-        (report,) = run(rules, state)
+    (report,), seen = listing_times(lambda: run(rules, state))
     assert report.handled == 1 and seen and seen[0] is not None
     assert int(seen[0].timestamp() * 1000) == alerts[0]["time"] - 60_000
 
@@ -149,17 +154,9 @@ def test_incidents_under_the_previous_key_are_handled_with_a_bounded_listing(for
     ServiceNowHook("servicenow_default").update_record("incident", legacy["sys_id"], {
         "correlation_id": f"defender-iot:{CONN}:{alerts[2]['id']}"})
     close(legacy)
-    seen = []
-    real = DefenderIoTHook.get_alerts
-
-    def spy(self, *args, **kw):
-        seen.append(kw.get("from_time"))
-        return real(self, *args, **kw)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(DefenderIoTHook, "get_alerts", spy)
-        (report,) = handle_closed_alerts(rules, state, [CONN], action="handle", defender_hook=DefenderIoTHook,
-                                         servicenow_hook=ServiceNowHook, window_hours=24)
+    (report,), seen = listing_times(lambda: handle_closed_alerts(
+        rules, state, [CONN], action="handle", defender_hook=DefenderIoTHook, servicenow_hook=ServiceNowHook,
+        window_hours=24))
     assert (report.handled, report.already) == (1, 0)
     assert d.sim.alert_by_uuid(alerts[2]["uuid"])["state"] == "handled"
     hours_back = (datetime.now(timezone.utc) - seen[0]).total_seconds() / 3600
