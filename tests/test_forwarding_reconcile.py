@@ -130,3 +130,23 @@ def test_upgrading_while_the_appliance_clock_is_ahead_creates_no_duplicates(defe
     assert later.created == 2
     used = {k: v - before.get(k, 0) for k, v in routes(sn).items()}
     assert used["GET /api/now/table/incident"] == 1 and used["GET /api/now/table/u_defender_iot_alert"] == 1
+
+
+def test_a_record_read_again_leaves_the_dead_letter_set_and_is_not_counted_twice(defender_sim_factory,
+                                                                                 servicenow_conn):
+    """A record that could not be read in an earlier run (dead letter) and reads fine now is forwarded (or
+    pending) and leaves the dead-letter set: the health data never counts one alert as both."""
+    d = defender_sim_factory(mode="sensor", alerts=0)
+    rules = rules_with()
+    state = DictState()
+    baseline(rules, state, [SRC])
+    (alert,) = d.sim.add_alerts(1, severity="Major", engine="Malware", title=PLC_TITLE)
+    state.data[f"dead_letter:{SRC}"] = {str(alert["id"]): {"reason": "missing 'time'", "first_at": "x",
+                                                           "last_at": "x", "attempts": 1},
+                                        "999": {"reason": "missing 'time'", "first_at": "x", "last_at": "x",
+                                                "attempts": 1}}
+    servicenow_conn.sim.set_faults(deny_writes=["incident"])             # so the alert stays pending
+    (report,) = forwarder(rules, state, retry_seconds=1).run([SRC])
+    status = state.data[f"status:{SRC}"]
+    assert (report.pending, report.dead_letter) == (1, 1) and (status["pending"], status["dead_letter"]) == (1, 1)
+    assert list(state.data[f"dead_letter:{SRC}"]) == ["999"]              # still unreadable: kept, counted

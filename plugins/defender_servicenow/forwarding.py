@@ -65,7 +65,6 @@ from defender_servicenow.rules import Destination, RuleSet
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 100  # alerts per lookup query and per Batch API call
-FUTURE_MARGIN_MS = 10 * 60_000  # alerts stamped later than now + this do not move forwarded_up_to
 SERVICENOW_MAX_RETRY_SECONDS = 120.0  # per call; the task's own retries cover longer outages
 
 
@@ -357,8 +356,9 @@ class AlertForwarder:
         """Dead letters, pruning, forwarded_up_to and ``status:<source>`` (also after a failure)."""
         now_iso = ms_to_datetime(now_ms).isoformat()
         dead = self.state.get(dead_letter_key(source)) or {}
-        if invalid and not self.dry_run:
-            new = note_dead_letters(dead, [(str(r.record_id), r.reason) for r in invalid], now_iso)
+        if (invalid or dead) and not self.dry_run:
+            new = note_dead_letters(dead, [(str(r.record_id), r.reason) for r in invalid or ()], now_iso,
+                                    readable=[str(a.id) for a in valid])
             if new != dead:
                 self.state.set(dead_letter_key(source), new)
             dead = new

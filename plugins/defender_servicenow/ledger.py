@@ -36,8 +36,8 @@ LEGACY_MARGIN_MS = 10 * 60_000  # a record under the previous key counts when cr
 
 
 def alert_key(alert: Alert) -> str:
-    """The re-image-proof identity of an alert (see the module docstring)."""
-    return f"{alert.source}:{alert.id}@{datetime_to_ms(alert.time)}"
+    """The re-image-proof identity of an alert (see the module docstring): :attr:`models.Alert.key`."""
+    return alert.key
 
 
 def legacy_key(alert: Alert) -> str:
@@ -116,24 +116,18 @@ class Ledger:
         oldest = min((int(p["t"]) for p in self.pending.values()), default=window_start_ms)
         return max(self.floor_ms, min(window_start_ms, oldest))
 
-    def forwarded_up_to(self, alerts: Iterable[Alert], ceiling_ms: int) -> int | None:
-        """The time up to which every alert read is done (pending ones hold it; alerts stamped after
-        ``ceiling_ms``, an appliance clock ahead, do not move it)."""
-        up_to = None
-        for alert in sorted(alerts, key=lambda a: (a.time, a.id)):
-            ms = datetime_to_ms(alert.time)
-            if ms > ceiling_ms or alert_key(alert) not in self.done:
-                break
-            up_to = ms
-        return up_to
 
+def note_dead_letters(current: Mapping, invalid: Iterable[tuple[str, str]], now_iso: str,
+                      readable: Iterable[str] = ()) -> dict:
+    """The dead-letter set after a run that could not read ``invalid`` ((record id, reason) pairs) and read
+    the alerts with ids ``readable``.
 
-def note_dead_letters(current: Mapping, invalid: Iterable[tuple[str, str]], now_iso: str) -> dict:
-    """The dead-letter set after a run that could not read ``invalid`` ((record id, reason) pairs).
-
-    Entries seen again are updated (attempts counted); entries not seen again stay (the record may be
-    outside the window read); at most ``MAX_DEAD_LETTER`` are kept, the most recent."""
-    out = {k: dict(v) for k, v in current.items()}
+    Entries seen again are updated (attempts counted); entries whose record reads fine now leave (the
+    alert is forwarded or pending, counted there, not twice); entries not seen again stay (the record may
+    be outside the window read); at most ``MAX_DEAD_LETTER`` are kept, the most recent."""
+    invalid = list(invalid)
+    unreadable, read = {record_id for record_id, _ in invalid}, set(readable)
+    out = {k: dict(v) for k, v in current.items() if k in unreadable or k not in read}
     for record_id, reason in invalid:
         entry = out.setdefault(record_id, {"first_at": now_iso, "attempts": 0})
         entry.update(reason=reason, last_at=now_iso, attempts=int(entry.get("attempts", 0)) + 1)
