@@ -3,8 +3,8 @@
 Started by new alerts: ``DefenderAlertTrigger`` (run by the triggerer through an AssetWatcher) polls every
 source each ``DEFENDER_ALERT_POLL_SECONDS`` and wakes this DAG. It also runs every
 ``DEFENDER_ALERT_SAFETY_RUN_MINUTES`` (default 30; 0 = off) as a safety net: a lost event or a stopped
-triggerer then delays alerts instead of losing them. The task then re-reads the alerts from its
-own durable watermark, applies the rules of ``DEFENDER_FORWARDING_RULES_FILE`` (validated when this file is
+triggerer then delays alerts instead of losing them. Each source's task then reconciles the alerts of
+``DEFENDER_ALERT_RECONCILE_HOURS`` with its delivery ledger, applies the rules of ``DEFENDER_FORWARDING_RULES_FILE`` (validated when this file is
 parsed) and creates one incident / application-table record per alert and destination, exactly once.
 """
 

@@ -23,6 +23,20 @@ def run(rules, state, sources=(CONN,), action="handle"):
                                 servicenow_hook=ServiceNowHook)
 
 
+def listing_times(call):
+    """``(call(), [from_time of every console alert listing made during it])``."""
+    seen = []
+    real = DefenderIoTHook.get_alerts
+
+    def spy(self, *args, **kw):
+        seen.append(kw.get("from_time"))
+        return real(self, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(DefenderIoTHook, "get_alerts", spy)
+        return call(), seen
+
+
 @pytest.fixture
 def forwarded(defender_sim_factory, servicenow_conn):
     """Three alerts forwarded as incidents from a management console."""
@@ -105,15 +119,45 @@ def test_the_unhandled_listing_is_bounded_by_time(forwarded):
     """Case 11: the console's unhandled alerts are listed from the closed incidents' alert times only."""
     d, sn, rules, state, alerts, incidents = forwarded
     close(incidents[str(alerts[0]["id"])])
-    seen = []
-    real = DefenderIoTHook.get_alerts
-
-    def spy(self, *args, **kw):
-        seen.append(kw.get("from_time"))
-        return real(self, *args, **kw)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(DefenderIoTHook, "get_alerts", spy)
-        (report,) = run(rules, state)
+    (report,), seen = listing_times(lambda: run(rules, state))
     assert report.handled == 1 and seen and seen[0] is not None
     assert int(seen[0].timestamp() * 1000) == alerts[0]["time"] - 60_000
+
+
+def test_the_first_scan_looks_back_the_reconcile_window_only(forwarded):
+    """Case 11: turning the closed loop on does not act on every incident ever closed: the first scan (no
+    watermark yet) looks back DEFENDER_ALERT_RECONCILE_HOURS."""
+    from datetime import datetime, timedelta, timezone
+
+    d, sn, rules, state, alerts, incidents = forwarded
+    old, recent = incidents[str(alerts[0]["id"])], incidents[str(alerts[1]["id"])]
+    close(old)
+    close(recent)
+    with sn.sim.lock:    # closed three days ago
+        sn.sim.get(old["sys_id"])["sys_updated_on"] = (datetime.now(timezone.utc) - timedelta(days=3)).strftime(
+            "%Y-%m-%d %H:%M:%S")
+        sn.sim.version += 1
+    (report,) = handle_closed_alerts(rules, state, [CONN], action="handle", defender_hook=DefenderIoTHook,
+                                     servicenow_hook=ServiceNowHook, window_hours=24)
+    assert (report.closed, report.handled) == (1, 1)
+    assert [d.sim.alert_by_uuid(a["uuid"])["state"] for a in alerts] == ["unhandled", "handled", "unhandled"]
+
+
+def test_incidents_under_the_previous_key_are_handled_with_a_bounded_listing(forwarded):
+    """An incident created before the re-image-proof keys (``defender-iot:<conn>:<id>``) is recognised as its
+    alert's (created after the alert) and handled; the listing is still bounded (by the incident's creation
+    less the window), not the console's whole history."""
+    from datetime import datetime, timezone
+
+    d, sn, rules, state, alerts, incidents = forwarded
+    legacy = incidents[str(alerts[2]["id"])]
+    ServiceNowHook("servicenow_default").update_record("incident", legacy["sys_id"], {
+        "correlation_id": f"defender-iot:{CONN}:{alerts[2]['id']}"})
+    close(legacy)
+    (report,), seen = listing_times(lambda: handle_closed_alerts(
+        rules, state, [CONN], action="handle", defender_hook=DefenderIoTHook, servicenow_hook=ServiceNowHook,
+        window_hours=24))
+    assert (report.handled, report.already) == (1, 0)
+    assert d.sim.alert_by_uuid(alerts[2]["uuid"])["state"] == "handled"
+    hours_back = (datetime.now(timezone.utc) - seen[0]).total_seconds() / 3600
+    assert seen[0] is not None and 24 < hours_back < 24.1

@@ -169,7 +169,7 @@ def test_sensor_sample_alerts_additionalinformation_casing():
     assert (second.source_device_id, second.destination_device_id) == (3, 4)
     assert second.additional_information is None and second.remediation_steps == []
     assert second.handled is None and second.sensor_name == NAME and second.uuid is None
-    assert first.key == f"{SRC}:1"
+    assert first.key == f"{SRC}:1@1509881077000"   # re-image-proof: the alert time is part of the key
 
 
 def test_cm_sample_alerts_zero_device_means_none_and_uuid():

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 from defender_servicenow.rules import parse_rules
 
-from tests.test_forwarding import PLC_TITLE, SRC, DictState, baseline, cid, forwarder, rules_with
+from tests.test_forwarding import PLC_TITLE, SRC, DictState, baseline, cid, forwarder, routes, rules_with
 
 
 def test_watcher_starting_after_a_forwarding_run_loses_nothing(defender_sim_factory, servicenow_conn):
@@ -102,3 +102,51 @@ def test_records_written_under_the_previous_keys_are_recognised_after_the_upgrad
     (report,) = forwarder(rules, state).run([SRC])
     assert (report.created, report.present) == (0, 4)
     assert len(sn.sim.table("incident")) == 2 and len(sn.sim.table("u_defender_iot_alert")) == 2
+
+
+def test_upgrading_while_the_appliance_clock_is_ahead_creates_no_duplicates(defender_sim_factory, servicenow_conn):
+    """The appliance's clock is 5 minutes ahead of Airflow's when the upgrade happens: the newest alerts the
+    previous version forwarded (under ``<conn>:<id>``) carry times after the upgrade's own clock, and are
+    still recognised, not created again."""
+    d = defender_sim_factory(mode="sensor", alerts=0)
+    sn = servicenow_conn
+    rules = rules_with({"type": "servicenow"}, {"type": "servicenow", "report_type": "defender_for_iot_application"})
+    ahead_ms = int(datetime.now(timezone.utc).timestamp() * 1000) + 5 * 60_000
+    done = [d.sim.add_alerts(1, time=ahead_ms + i, severity="Major", engine="Malware", title=PLC_TITLE)[0]
+            for i in range(2)]
+    for a in done:   # what the previous version wrote
+        sn.sim.insert("incident", {"correlation_id": f"defender-iot:{SRC}:{a['id']}", "short_description": "old"})
+        sn.sim.insert("u_defender_iot_alert", {"u_alert_key": f"{SRC}:{a['id']}", "u_time": datetime.fromtimestamp(
+            a["time"] / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")})
+    state = DictState({"rule_first_seen:all": datetime(2000, 1, 1, tzinfo=timezone.utc).isoformat(),
+                       f"forwarded_up_to:{SRC}": {"time_ms": done[-1]["time"], "ids": [done[-1]["id"]]}})
+    (report,) = forwarder(rules, state).run([SRC])
+    assert (report.created, report.present) == (0, 4)
+    assert len(sn.sim.table("incident")) == 2 and len(sn.sim.table("u_defender_iot_alert")) == 2
+    # alerts raised after the upgrade are not looked up under the previous key
+    d.sim.add_alerts(1, time=ahead_ms + 10, severity="Major", engine="Malware", title=PLC_TITLE)
+    before = routes(sn)
+    (later,) = forwarder(rules, state).run([SRC])
+    assert later.created == 2
+    used = {k: v - before.get(k, 0) for k, v in routes(sn).items()}
+    assert used["GET /api/now/table/incident"] == 1 and used["GET /api/now/table/u_defender_iot_alert"] == 1
+
+
+def test_a_record_read_again_leaves_the_dead_letter_set_and_is_not_counted_twice(defender_sim_factory,
+                                                                                 servicenow_conn):
+    """A record that could not be read in an earlier run (dead letter) and reads fine now is forwarded (or
+    pending) and leaves the dead-letter set: the health data never counts one alert as both."""
+    d = defender_sim_factory(mode="sensor", alerts=0)
+    rules = rules_with()
+    state = DictState()
+    baseline(rules, state, [SRC])
+    (alert,) = d.sim.add_alerts(1, severity="Major", engine="Malware", title=PLC_TITLE)
+    state.data[f"dead_letter:{SRC}"] = {str(alert["id"]): {"reason": "missing 'time'", "first_at": "x",
+                                                           "last_at": "x", "attempts": 1},
+                                        "999": {"reason": "missing 'time'", "first_at": "x", "last_at": "x",
+                                                "attempts": 1}}
+    servicenow_conn.sim.set_faults(deny_writes=["incident"])             # so the alert stays pending
+    (report,) = forwarder(rules, state, retry_seconds=1).run([SRC])
+    status = state.data[f"status:{SRC}"]
+    assert (report.pending, report.dead_letter) == (1, 1) and (status["pending"], status["dead_letter"]) == (1, 1)
+    assert list(state.data[f"dead_letter:{SRC}"]) == ["999"]              # still unreadable: kept, counted

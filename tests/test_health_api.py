@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from tests.asset_state import write_asset_state
+
 pytestmark = pytest.mark.airflow_db
 
 SECRETS = ["sn-password-Zq81", "sn-client-secret-Kx22", "defender-token-Pw93"]
@@ -39,24 +41,7 @@ def _token() -> str:
 
 def _record_state(sync_meta: dict) -> None:
     """Write ``sensor_ok/meta`` as the device sync would (through the state backend)."""
-    from airflow._shared.state import AssetStateStoreWriterKind
-    from airflow.models.asset import AssetActive, AssetModel
-    from airflow.state import AssetScope
-    from airflow.state.metastore import MetastoreBackend
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        asset = session.scalar(select(AssetModel).where(AssetModel.name == "defender_device_sync_state"))
-        if asset is None:
-            asset = AssetModel(name="defender_device_sync_state", uri="defender_device_sync_state")
-            session.add(asset)
-            session.flush()
-            session.add(AssetActive.for_asset(asset))
-            session.flush()
-        MetastoreBackend().set_asset_state_store(AssetScope(asset_id=asset.id), "sensor_ok/meta",
-                                                 json.dumps(sync_meta), kind=AssetStateStoreWriterKind.API,
-                                                 session=session)
+    write_asset_state("defender_device_sync_state", "sensor_ok/meta", sync_meta)
 
 
 @pytest.mark.parametrize("path", ["/defender-servicenow/", "/defender-servicenow/api/health"])

@@ -180,6 +180,36 @@ def test_absent_plugin_table_is_invalid(servicenow_sim_factory):
     assert r.status_code == 400 and r.json()["error"]["message"] == "Invalid table sn_si_incident"
 
 
+def test_sys_dictionary_lengths_cut_longer_values_and_a_plugin_table_can_appear(servicenow_sim_factory):
+    handle = servicenow_sim_factory(absent_tables=("sn_si_incident",),
+                                    column_lengths={"u_defender_iot_alert.u_alert_key": 40})
+    url = f"{handle.url}/api/now/table"
+    rows = requests.get(f"{url}/sys_dictionary", auth=AUTH, timeout=10, params={
+        "sysparm_query": "nameINincident,task,u_defender_iot_alert^elementINcorrelation_id,u_alert_key",
+        "sysparm_fields": "name,element,max_length"}).json()["result"]
+    assert sorted(rows, key=lambda r: r["name"]) == [
+        {"name": "task", "element": "correlation_id", "max_length": "100"},       # defined on task, as on an instance
+        {"name": "u_defender_iot_alert", "element": "u_alert_key", "max_length": "40"}]
+    r = requests.post(f"{url}/u_defender_iot_alert", json={"u_alert_key": "k" * 45}, auth=AUTH, timeout=10)
+    assert r.status_code == 201 and r.json()["result"]["u_alert_key"] == "k" * 40   # cut silently
+    r = requests.post(f"{url}/incident", json={"correlation_id": "c" * 120}, auth=AUTH, timeout=10)
+    assert r.json()["result"]["correlation_id"] == "c" * 100
+    handle.sim.add_table("sn_si_incident")                    # the plugin is activated
+    r = requests.post(f"{url}/sn_si_incident", json={"correlation_id": "c" * 120}, auth=AUTH, timeout=10)
+    assert r.status_code == 201 and r.json()["result"]["correlation_id"] == "c" * 100
+    handle.sim.set_faults(deny_reads=["sys_dictionary"])
+    r = requests.get(f"{url}/sys_dictionary", auth=AUTH, timeout=10)
+    assert r.status_code == 403 and r.json()["error"]["message"] == "Insufficient rights to query records"
+
+
+def test_fail_next_after_lets_requests_through_first(servicenow_sim):
+    servicenow_sim.sim.set_faults(fail_next={"status": 503, "count": 1, "path_prefix": "/api/now/table/incident",
+                                             "after": 2})
+    codes = [requests.get(f"{servicenow_sim.url}/api/now/table/incident", auth=AUTH, timeout=10).status_code
+             for _ in range(4)]
+    assert codes == [200, 200, 503, 200]
+
+
 def test_resolving_without_close_code_is_a_data_policy_403(servicenow_sim):
     sid = servicenow_sim.sim.insert("incident", {"short_description": "x"})["sys_id"]
     url = f"{servicenow_sim.url}/api/now/table/incident/{sid}"

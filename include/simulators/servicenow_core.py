@@ -26,6 +26,7 @@ from include.simulators.servicenow_schema import (
     CANCELLED,
     CANCELLED_DETAIL,
     CHOICES,
+    DICTIONARY_LENGTHS,
     DISCOVERY_SOURCES,
     JOURNAL_FIELDS,
     JOURNAL_LABELS,
@@ -80,6 +81,8 @@ class SimConfig:
     # the hardware rule accepts.
     related_rule_classes: tuple[str, ...] | None = None
     lookup_rule_tables: tuple[str, ...] = ("cmdb_serial_number", "cmdb_ci_network_adapter", "cmdb_ci_ip_address")
+    # sys_dictionary max_length overrides {"<table>.<column>": length}, e.g. a custom column left at 40
+    column_lengths: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,6 +95,7 @@ class Faults:
     truncate_next: int = 0
     reject_credentials: bool = False
     deny_writes: list[str] = field(default_factory=list)  # tables ("*" = all) whose writes fail with 403 ACL
+    deny_reads: list[str] = field(default_factory=list)   # tables whose list queries fail with 403 (read ACL)
     import_error_next: int = 0
 
 
@@ -193,6 +197,34 @@ class Simulator:
         for name in REL_TYPES:
             parent, child = name.split("::")
             self.insert("cmdb_rel_type", {"name": name, "parent_descriptor": parent, "child_descriptor": child})
+        lengths = {**{f"{t}.{c}": n for (t, c), n in DICTIONARY_LENGTHS.items()}, **self.config.column_lengths}
+        for name, length in lengths.items():
+            table, column = name.split(".", 1)
+            if table in self.data:
+                self.insert("sys_dictionary", {"name": table, "element": column, "internal_type": "string",
+                                               "max_length": str(length), "active": "true",
+                                               "column_label": column.removeprefix("u_").replace("_", " ").title()})
+
+    def max_lengths(self, table: str) -> dict[str, int]:
+        """``{column: max_length}`` of ``table`` and its ancestors, from sys_dictionary (the nearest wins)."""
+        key = ("maxlen", table)
+        if key not in self._cache:
+            out: dict[str, int] = {}
+            for t in reversed(self.ancestors(table)):
+                for row in self.lookup("sys_dictionary", "name", t) if "sys_dictionary" in self.data else ():
+                    if row.get("name") == t and str(row.get("max_length", "")).isdigit():
+                        out[row["element"]] = int(row["max_length"])
+            self._cache[key] = out
+        return self._cache[key]
+
+    def _truncate(self, table: str, values: dict) -> dict:
+        """String values cut to their column's max_length, silently, as ServiceNow stores them."""
+        if table == "sys_dictionary":
+            for key in [k for k in self._cache if k[0] == "maxlen"]:
+                del self._cache[key]
+            return values
+        limits = self.max_lengths(table)
+        return {k: (v[:limits[k]] if k in limits and isinstance(v, str) else v) for k, v in values.items()}
 
     def set_faults(self, **kw) -> dict:
         """Apply fault controls (see the module docs of servicenow_sim); returns the active faults."""
@@ -245,6 +277,18 @@ class Simulator:
     # ------------------------------------------------------------- hierarchy
     def has_table(self, table: str) -> bool:
         return table in self.data
+
+    def add_table(self, table: str) -> None:
+        """A standard table appears later, as when an admin activates its plugin (e.g. Security Incident
+        Response's ``sn_si_incident`` on an instance started with ``absent_tables``)."""
+        with self.lock:
+            if table in self.data:
+                return
+            if table in PARENTS:
+                self.parents[table] = PARENTS[table]
+            self.data[table] = {}
+            self.idx[table] = defaultdict(dict)
+            self._cache.clear()
 
     def ancestors(self, table: str) -> list[str]:
         chain = self._cache.get(("anc", table))
@@ -358,7 +402,7 @@ class Simulator:
         with self.lock:
             if table not in self.data:
                 raise KeyError(f"Invalid table {table}")
-            values = {k: to_str(v) for k, v in values.items()}
+            values = self._truncate(table, {k: to_str(v) for k, v in values.items()})
             journal = {k: values.pop(k) for k in list(values) if k in JOURNAL_FIELDS}
             sid = values.pop("sys_id", "") or sys_id
             if not sid or not SYS_ID.match(sid) or sid in self.where:
@@ -385,7 +429,7 @@ class Simulator:
         with self.lock:
             table = self.where[sys_id]
             rec = self.data[table][sys_id]
-            values = {k: to_str(v) for k, v in values.items() if not k.startswith("sys_")}
+            values = self._truncate(table, {k: to_str(v) for k, v in values.items() if not k.startswith("sys_")})
             journal = {k: values.pop(k) for k in list(values) if k in JOURNAL_FIELDS}
             old = dict(rec)
             changed = [k for k, v in values.items() if rec.get(k, "") != v]
@@ -405,6 +449,8 @@ class Simulator:
             table = self.where.pop(sys_id)
             rec = self.data[table].pop(sys_id)
             self._index(table, rec, False)
+            if table == "sys_dictionary":
+                self._truncate(table, {})
             self.seq.pop(sys_id, None)
             self.version += 1
 
@@ -665,6 +711,9 @@ class Simulator:
         with self.lock:
             for item in self.faults.fail_next:
                 if path.startswith(item["path_prefix"]) and item["count"] > 0:
+                    if item.get("after", 0) > 0:   # let this many matching requests through first
+                        item["after"] -= 1
+                        continue
                     item["count"] -= 1
                     if item["count"] <= 0:
                         self.faults.fail_next.remove(item)
@@ -734,6 +783,9 @@ class Simulator:
         not_found = error(404, "No Record found", "Record doesn't exist or ACL restricts the record retrieval")
         with self.lock:
             if method in ("GET", "HEAD") and not sys_id:
+                if table in self.faults.deny_reads:
+                    return error(403, "Insufficient rights to query records",
+                                 "Field(s) present in the query do not have permission to be read")
                 return self._list(version, table, params, fields, dv, excl, base)
             if method == "POST" and not sys_id:
                 values, err = self.parse_json(body, headers)

@@ -29,7 +29,7 @@ PARENTS: dict[str, str] = {
 STANDARD_TABLES = sorted({*PARENTS, *PARENTS.values(), "cmdb_serial_number", "sys_object_source", "sys_choice",
                           "u_defender_iot_alert", "task_ci", "sys_user", "sys_user_group", "cmdb_rel_ci",
                           "cmdb_rel_type", "sys_journal_field", "core_company", "cmn_location",
-                          "sys_import_set_row", "cmdb_key_value", "cmdb_ot_entity"})
+                          "sys_import_set_row", "cmdb_key_value", "cmdb_ot_entity", "sys_dictionary"})
 
 _SYS = ("sys_id", "sys_created_on", "sys_created_by", "sys_updated_on", "sys_updated_by", "sys_mod_count",
         "sys_tags")
@@ -75,6 +75,7 @@ OWN_COLUMNS: dict[str, tuple[str, ...]] = {
     "cmdb_rel_ci": _SYS + ("parent", "child", "type", "connection_strength"),
     "cmdb_rel_type": _SYS + ("name", "parent_descriptor", "child_descriptor"),
     "sys_journal_field": _SYS + ("name", "element", "element_id", "value"),
+    "sys_dictionary": _SYS + ("name", "element", "column_label", "internal_type", "max_length", "active"),
     "sys_import_set_row": _SYS + ("sys_import_set", "sys_target_table", "sys_target_sys_id",
                                   "sys_import_state", "sys_import_state_comment", "sys_transform_map"),
 }
@@ -144,3 +145,19 @@ RATE_LIMIT_RULE = "5c7b1e0bdb2a2010a5b1f8a5d39619d2"
 HARDWARE_RULE_ID = "556eb250c3400200d8d4bea192d3ae92"
 SYS_COLUMNS = ("sys_id", "sys_created_on", "sys_created_by", "sys_updated_on", "sys_updated_by", "sys_mod_count",
                "sys_tags")
+
+# sys_dictionary: the string lengths the simulator knows (and enforces by truncating longer values, as
+# ServiceNow does silently). Task columns are defined on task, as on an instance; the application table's
+# are what the README asks an admin to create (a custom string column defaults to 40 characters).
+DICTIONARY_LENGTHS: dict[tuple[str, str], int] = {
+    ("task", "correlation_id"): 100, ("task", "correlation_display"): 100, ("task", "short_description"): 160,
+    **{("u_defender_iot_alert", column): length for column, length in (
+        ("u_alert_key", 255), ("u_alert_id", 40), ("u_alert_uuid", 100), ("u_source_connection", 100),
+        ("u_appliance", 255), ("u_title", 255), ("u_message", 4000), ("u_severity", 40), ("u_engine", 100),
+        ("u_notification_type", 40), ("u_source_device_id", 40), ("u_source_name", 255),
+        ("u_source_address", 100), ("u_source_ci", 40), ("u_destination_device_id", 40),
+        ("u_destination_name", 255), ("u_destination_address", 100), ("u_destination_ci", 40),
+        ("u_protocols", 1000), ("u_remediation_steps", 4000), ("u_additional_information", 4000),
+        ("u_handled", 40), ("u_sensor_id", 40), ("u_sensor_name", 255), ("u_zone_id", 40),
+        ("u_zone_name", 255), ("u_site_id", 40), ("u_site_name", 255), ("u_rules", 1000))},
+}

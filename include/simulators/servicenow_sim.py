@@ -7,9 +7,11 @@ Run: ``python -m include.simulators.servicenow_sim --port 8080 [--token-lifetime
 
 Control routes (no auth): GET /sim/ (HTML overview), GET /sim/state, GET /sim/counters,
 GET /sim/tables/{table}, POST /sim/reset, POST /sim/faults with any of
-``latency_ms, ire_item_ms, rate_limit_per_hour, fail_next {count, status, path_prefix[, body, content_type]},
+``latency_ms, ire_item_ms, rate_limit_per_hour, fail_next {count, status, path_prefix[, body, content_type, after]},
 hibernate, truncate_next, token_lifetime, revoke_tokens, revoke_refresh_tokens, reject_credentials,
-deny_writes (true or [tables]), import_error_next``.
+deny_writes (true or [tables]), deny_reads ([tables]: list queries get 403), import_error_next``.
+String values longer than their column's ``sys_dictionary`` max_length are cut silently, as ServiceNow stores
+them (``SimConfig.column_lengths`` overrides a length, e.g. ``{"u_defender_iot_alert.u_alert_key": 40}``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ resolved or closed in ServiceNow, handle its alert on the Defender for IoT manag
 
 Per management-console source and incident destination of the rules, one query finds the incidents closed
 since the last scan (``correlation_id`` prefix ``defender-iot:<conn id>:``, closed states, ``sys_updated_on``
-watermark), one request lists the console's unhandled alerts (id -> UUID), and one ``PUT
+watermark; the first scan looks back ``DEFENDER_ALERT_RECONCILE_HOURS``), one request lists the console's
+unhandled alerts raised from the earliest closed incident's alert time (id -> UUID), and one ``PUT
 /external/v1/alerts/<UUID>`` per alert handles it (``handle`` or ``handleAndLearn``). Alerts no longer
 unhandled are counted as already done, so reruns do nothing twice. Sensors have no API to handle alerts;
 sources of that kind are reported and skipped.
@@ -17,19 +18,27 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from airflow.sdk.exceptions import AirflowNotFoundException
 
+from defender_servicenow import settings
 from defender_servicenow.exceptions import (
     DefenderAuthError,
     DefenderError,
     IntegrationError,
     ServiceNowAuthError,
 )
-from defender_servicenow.forwarding import CORRELATION_DISPLAY, StateStore, correlation_id
+from defender_servicenow.forwarding import (
+    CORRELATION_DISPLAY,
+    StateStore,
+    _same_alert,
+    correlation_id,
+    sn_time,
+)
 from defender_servicenow.models import Alert, ms_to_datetime
-from defender_servicenow.rules import RuleSet
+from defender_servicenow.rules import Destination, RuleSet
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +74,18 @@ class CloseLoopReport:
 
 def handle_closed_alerts(rules: RuleSet, state: StateStore, sources: Sequence[str], *, action: str,
                          defender_hook: Callable[[str], Any],
-                         servicenow_hook: Callable[[str], Any]) -> list[CloseLoopReport]:
-    """Handle on the consoles the alerts whose incidents were closed in ServiceNow; one report per source."""
+                         servicenow_hook: Callable[[str], Any], window_hours: float | None = None,
+                         clock: Callable[[], datetime] | None = None) -> list[CloseLoopReport]:
+    """Handle on the consoles the alerts whose incidents were closed in ServiceNow; one report per source.
+
+    :param window_hours: how far back the first scan (no watermark yet) looks for closed incidents, and how
+        far before its incident's creation a record written under the previous key (no alert time in its
+        key) may name its alert; default ``DEFENDER_ALERT_RECONCILE_HOURS``.
+    """
     if action not in ACTIONS:
         raise ValueError(f"action must be one of {', '.join(ACTIONS)}")
+    window = timedelta(hours=settings.alert_reconcile_hours() if window_hours is None else window_hours)
+    now = (clock or (lambda: datetime.now(timezone.utc)))()
     destinations = sorted({(d.connection_id, d.table) for rule in rules.enabled for d in rules.destinations_of(rule)
                            if d.report_type == "incidents" and d.table in CLOSED_STATES})
     reports = []
@@ -84,7 +101,7 @@ def handle_closed_alerts(rules: RuleSet, state: StateStore, sources: Sequence[st
             for conn, table in destinations:
                 key = scan_key(source, conn, table)
                 hook = servicenow_hook(conn)
-                every = _closed_since(hook, table, source, state.get(key))
+                every = _closed_since(hook, table, source, state.get(key) or sn_time(now - window))
                 rows = [row for row in every if _ours_closed_by_a_person(hook, row)]
                 report.ignored += len(every) - len(rows)
                 if not rows:
@@ -93,12 +110,12 @@ def handle_closed_alerts(rules: RuleSet, state: StateStore, sources: Sequence[st
                     continue
                 report.closed += len(rows)
                 if unhandled is None:   # one listing per run, only when something was closed, time-bounded
-                    since = _earliest_alert_time(rows)
+                    since = _earliest_alert_time(rows, window)
                     unhandled = {a.id: a for a in dhook.get_alerts(state="unhandled", from_time=since)
                                  if isinstance(a, Alert)}
                 failed_before = len(report.failures)
                 for row in rows:
-                    _handle_one(dhook, row, unhandled, action, report)
+                    _handle_one(dhook, row, unhandled, action, report, Destination(conn, "incidents", table))
                 if len(report.failures) == failed_before:   # else the next run retries from the same point
                     state.set(key, max(row.get("sys_updated_on") or "" for row in rows))
         except (IntegrationError, DefenderError, AirflowNotFoundException) as exc:
@@ -110,15 +127,13 @@ def handle_closed_alerts(rules: RuleSet, state: StateStore, sources: Sequence[st
     return reports
 
 
-def _closed_since(hook, table: str, source: str, watermark: str | None) -> list[dict]:
+def _closed_since(hook, table: str, source: str, watermark: str) -> list[dict]:
     states = ",".join(CLOSED_STATES[table])
     query = (f"correlation_idSTARTSWITHdefender-iot:{source}:^correlation_display={CORRELATION_DISPLAY}"
-             f"^stateIN{states}")
-    if watermark:
-        query += f"^sys_updated_on>={watermark}"
+             f"^stateIN{states}^sys_updated_on>={watermark}")
     return hook.query(table, query + "^ORDERBYsys_updated_on",
                       fields=["number", "correlation_id", "state", "sys_updated_on", "sys_created_by",
-                              "close_notes"])
+                              "sys_created_on", "close_notes"])
 
 
 def _ours_closed_by_a_person(hook, row: dict) -> bool:
@@ -130,26 +145,32 @@ def _ours_closed_by_a_person(hook, row: dict) -> bool:
     return not user or row.get("sys_created_by") == user
 
 
-def _earliest_alert_time(rows: Sequence[dict]):
-    """The earliest alert time named by the incidents' keys (``...:<id>@<time ms>``), less a minute; None
-    (no bound) when a key has no time (records written before the re-image-proof keys)."""
+def _earliest_alert_time(rows: Sequence[dict], window: timedelta):
+    """The earliest alert time named by the incidents' keys (``...:<id>@<time ms>``), less a minute; for a
+    key without a time (written before the re-image-proof keys), its incident's creation less ``window``."""
     times = []
     for row in rows:
         tail = str(row.get("correlation_id") or "").rsplit("@", 1)
-        if len(tail) != 2 or not tail[1].isdigit():
-            return None
-        times.append(int(tail[1]))
-    return ms_to_datetime(min(times) - 60_000) if times else None
+        if len(tail) == 2 and tail[1].isdigit():
+            times.append(ms_to_datetime(int(tail[1])))
+            continue
+        try:
+            created = datetime.strptime(str(row.get("sys_created_on")), "%Y-%m-%d %H:%M:%S")
+        except ValueError:
+            created = datetime.now(timezone.utc).replace(tzinfo=None)
+        times.append(created.replace(tzinfo=timezone.utc) - window)
+    return min(times) - timedelta(minutes=1) if times else None
 
 
-def _handle_one(dhook, row: dict, unhandled: dict[int, Alert], action: str, report: CloseLoopReport) -> None:
+def _handle_one(dhook, row: dict, unhandled: dict[int, Alert], action: str, report: CloseLoopReport,
+                dest: Destination) -> None:
     raw = str(row.get("correlation_id") or "").rsplit(":", 1)[-1].split("@", 1)[0]
     try:
         alert = unhandled.get(int(raw))
     except ValueError:
         report.failures.append(f"{row.get('number')}: correlation_id {row.get('correlation_id')!r} names no alert")
         return
-    if alert is None or correlation_id(alert) != row.get("correlation_id"):
+    if alert is None or not _names(row, alert, dest):
         report.already += 1
         return
     try:
@@ -161,3 +182,11 @@ def _handle_one(dhook, row: dict, unhandled: dict[int, Alert], action: str, repo
         return
     report.handled += 1
     unhandled.pop(alert.id, None)
+
+
+def _names(row: dict, alert: Alert, dest: Destination) -> bool:
+    """The incident is this alert's: same key, or the previous key (``<conn>:<id>``) and created after the
+    alert (as the forwarding recognises it), so a re-imaged console's new alert of that number is not."""
+    if "@" in str(row.get("correlation_id") or ""):
+        return correlation_id(alert) == row.get("correlation_id")
+    return _same_alert(dest, alert, row)

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from airflow.sdk.exceptions import AirflowNotFoundException
 
 from defender_servicenow import settings
+from defender_servicenow.columns import ColumnLengths
 from defender_servicenow.exceptions import (
     DefenderAuthError,
     IntegrationError,
@@ -64,7 +65,6 @@ from defender_servicenow.rules import Destination, RuleSet
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 100  # alerts per lookup query and per Batch API call
-FUTURE_MARGIN_MS = 10 * 60_000  # alerts stamped later than now + this do not move forwarded_up_to
 SERVICENOW_MAX_RETRY_SECONDS = 120.0  # per call; the task's own retries cover longer outages
 
 
@@ -210,6 +210,7 @@ class AlertForwarder:
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self.failure_context = dict(failure_context or {})
         self._sn_hooks: dict[str, Any] = {}
+        self._columns = ColumnLengths(d for r in rules.enabled for d in rules.destinations_of(r))
         hours = settings.alert_reconcile_hours() if reconcile_hours is None else reconcile_hours
         self.reconcile_ms = int(hours * 3_600_000)
         minutes = settings.sync_frequency_minutes() if inventory_minutes is None else inventory_minutes
@@ -262,6 +263,7 @@ class AlertForwarder:
             else:
                 read_from = ledger.read_from_ms(now_ms - self.reconcile_ms)
                 records = dhook.get_alerts(from_time=ms_to_datetime(read_from))
+                ledger.start_keys((r for r in records if isinstance(r, Alert)), now_ms)
                 report.window = f"reconciling from {ms_to_datetime(read_from).isoformat()}"
             invalid = [r for r in records if isinstance(r, InvalidRecord)]
             report.invalid = [f"{r.record_id}: {r.reason}" for r in invalid]
@@ -340,22 +342,23 @@ class AlertForwarder:
                 floor = watched
             log.info("%s: no forwarding ledger yet; forwarding alerts raised from %s (earlier alerts are not "
                      "replayed; use the since/until params for that)", source, ms_to_datetime(floor).isoformat())
-        ledger = Ledger(floor_ms=floor, keys_since_ms=now_ms)
+        ledger = Ledger(floor_ms=floor, keys_since_ms=None)   # set by the first read (Ledger.start_keys)
         if not self.dry_run:
             self.state.set(ledger_key(source), ledger.as_state())
         return ledger
 
     def _keys_since(self, source: str, now_ms: int) -> int:
         ledger = Ledger.from_state(self.state.get(ledger_key(source)))
-        return ledger.keys_since_ms if ledger is not None else now_ms
+        return ledger.keys_since_ms if ledger is not None and ledger.keys_since_ms is not None else now_ms
 
     def _finish(self, source: str, report: SourceReport, kind: str | None, ledger: Ledger | None,
                 valid: Sequence[Alert], now_ms: int, *, invalid: Sequence[InvalidRecord] | None) -> None:
         """Dead letters, pruning, forwarded_up_to and ``status:<source>`` (also after a failure)."""
         now_iso = ms_to_datetime(now_ms).isoformat()
         dead = self.state.get(dead_letter_key(source)) or {}
-        if invalid and not self.dry_run:
-            new = note_dead_letters(dead, [(str(r.record_id), r.reason) for r in invalid], now_iso)
+        if (invalid or dead) and not self.dry_run:
+            new = note_dead_letters(dead, [(str(r.record_id), r.reason) for r in invalid or ()], now_iso,
+                                    readable=[str(a.id) for a in valid])
             if new != dead:
                 self.state.set(dead_letter_key(source), new)
             dead = new
@@ -488,6 +491,7 @@ class AlertForwarder:
 
     def _write(self, hook, dest: Destination, items: Sequence[AlertContext],
                pending: dict[str, set[Destination]], report: SourceReport, keys_since_ms: int) -> None:
+        self._columns.check(hook, dest, [record_key(dest, c.alert) for c in items])   # read once per run
         existing = self._existing(hook, dest, items, keys_since_ms)
         create = []
         for c in items:

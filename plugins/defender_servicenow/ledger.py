@@ -8,8 +8,11 @@ State keys (asset ``defender_iot_alerts``, written only by the forwarding task o
   reconcile window that needs nothing more (confirmed by ServiceNow for every destination, or matched by no
   rule); ``pending`` the alerts a destination has not confirmed yet (retried every run, whatever their age).
   ``floor_ms``: alerts raised before it are never forwarded (rules apply to alerts raised after they existed;
-  a replay forwards older ones). ``keys_since_ms``: when the re-image-proof keys started; alerts raised
-  before it may have records under the previous key (``<conn id>:<alert id>``).
+  a replay forwards older ones). ``keys_since_ms``: when the re-image-proof keys started, in the
+  appliance's clock: the newest alert time of the first successful read after the ledger started (or
+  Airflow's clock then, if later); alerts raised up to it may have records under the previous key
+  (``<conn id>:<alert id>``). ``null`` until that first read (an appliance clock ahead of Airflow's must
+  not hide the newest alerts the previous version forwarded).
 * ``dead_letter:<conn id>`` = ``{record id: {"reason", "first_at", "last_at", "attempts"}}``: records that
   cannot be read even with fallbacks (e.g. no alert id); re-read and retried every run while Defender
   still lists them, counted in the run's summary line.
@@ -33,8 +36,8 @@ LEGACY_MARGIN_MS = 10 * 60_000  # a record under the previous key counts when cr
 
 
 def alert_key(alert: Alert) -> str:
-    """The re-image-proof identity of an alert (see the module docstring)."""
-    return f"{alert.source}:{alert.id}@{datetime_to_ms(alert.time)}"
+    """The re-image-proof identity of an alert (see the module docstring): :attr:`models.Alert.key`."""
+    return alert.key
 
 
 def legacy_key(alert: Alert) -> str:
@@ -66,7 +69,7 @@ def dest_of(text: str) -> Destination:
 @dataclass
 class Ledger:
     floor_ms: int
-    keys_since_ms: int
+    keys_since_ms: int | None
     done: dict[str, int] = field(default_factory=dict)
     pending: dict[str, dict] = field(default_factory=dict)
 
@@ -74,13 +77,20 @@ class Ledger:
     def from_state(cls, raw: Any) -> Ledger | None:
         if not isinstance(raw, Mapping) or "floor_ms" not in raw:
             return None
-        return cls(int(raw["floor_ms"]), int(raw.get("keys_since_ms", raw["floor_ms"])),
+        keys_since = raw.get("keys_since_ms", raw["floor_ms"])
+        return cls(int(raw["floor_ms"]), None if keys_since is None else int(keys_since),
                    {str(k): int(v) for k, v in (raw.get("done") or {}).items()},
                    {str(k): dict(v) for k, v in (raw.get("pending") or {}).items()})
 
     def as_state(self) -> dict:
         return {"floor_ms": self.floor_ms, "keys_since_ms": self.keys_since_ms, "done": self.done,
                 "pending": self.pending}
+
+    def start_keys(self, alerts: Iterable[Alert], now_ms: int) -> None:
+        """After the first successful read: records under the previous key can exist for every alert the
+        appliance already had, whatever its clock says."""
+        if self.keys_since_ms is None:
+            self.keys_since_ms = max([now_ms, *(datetime_to_ms(a.time) for a in alerts)])
 
     def pending_dests(self, key: str) -> set[Destination] | None:
         entry = self.pending.get(key)
@@ -106,24 +116,18 @@ class Ledger:
         oldest = min((int(p["t"]) for p in self.pending.values()), default=window_start_ms)
         return max(self.floor_ms, min(window_start_ms, oldest))
 
-    def forwarded_up_to(self, alerts: Iterable[Alert], ceiling_ms: int) -> int | None:
-        """The time up to which every alert read is done (pending ones hold it; alerts stamped after
-        ``ceiling_ms``, an appliance clock ahead, do not move it)."""
-        up_to = None
-        for alert in sorted(alerts, key=lambda a: (a.time, a.id)):
-            ms = datetime_to_ms(alert.time)
-            if ms > ceiling_ms or alert_key(alert) not in self.done:
-                break
-            up_to = ms
-        return up_to
 
+def note_dead_letters(current: Mapping, invalid: Iterable[tuple[str, str]], now_iso: str,
+                      readable: Iterable[str] = ()) -> dict:
+    """The dead-letter set after a run that could not read ``invalid`` ((record id, reason) pairs) and read
+    the alerts with ids ``readable``.
 
-def note_dead_letters(current: Mapping, invalid: Iterable[tuple[str, str]], now_iso: str) -> dict:
-    """The dead-letter set after a run that could not read ``invalid`` ((record id, reason) pairs).
-
-    Entries seen again are updated (attempts counted); entries not seen again stay (the record may be
-    outside the window read); at most ``MAX_DEAD_LETTER`` are kept, the most recent."""
-    out = {k: dict(v) for k, v in current.items()}
+    Entries seen again are updated (attempts counted); entries whose record reads fine now leave (the
+    alert is forwarded or pending, counted there, not twice); entries not seen again stay (the record may
+    be outside the window read); at most ``MAX_DEAD_LETTER`` are kept, the most recent."""
+    invalid = list(invalid)
+    unreadable, read = {record_id for record_id, _ in invalid}, set(readable)
+    out = {k: dict(v) for k, v in current.items() if k in unreadable or k not in read}
     for record_id, reason in invalid:
         entry = out.setdefault(record_id, {"first_at": now_iso, "attempts": 0})
         entry.update(reason=reason, last_at=now_iso, attempts=int(entry.get("attempts", 0)) + 1)

@@ -137,7 +137,10 @@ class Alert(_Model):
 
     @property
     def key(self) -> str:
-        return f"{self.source}:{self.id}"
+        """``<connection id>:<alert id>@<alert time ms>``: a re-imaged appliance restarts its numbering, not
+        its clock, so a new alert never takes an old alert's key (records written under the previous key,
+        ``<connection id>:<alert id>``, are recognised by the forwarding: ``ledger.legacy_key``)."""
+        return f"{self.source}:{self.id}@{datetime_to_ms(self.time)}"
 
     @property
     def severity_rank(self) -> int:

@@ -96,9 +96,9 @@ def alert_poll_seconds(environ: dict | None = None) -> float:
 
 
 def alert_lookback_minutes(environ: dict | None = None) -> float:
-    """``DEFENDER_ALERT_LOOKBACK_MINUTES``: how far behind its watermark the forwarding task looks for alerts
-    that arrived late (a sensor reconnecting to its management console delivers older alerts); 0 turns it
-    off. Default 10."""
+    """``DEFENDER_ALERT_LOOKBACK_MINUTES``: how far behind the newest alert it has seen the alert watcher
+    polls, so late alerts wake the DAG sooner; the forwarding task itself reconciles
+    ``DEFENDER_ALERT_RECONCILE_HOURS``. 0 turns it off. Default 10."""
     return _number("DEFENDER_ALERT_LOOKBACK_MINUTES", environ, default=DEFAULT_ALERT_LOOKBACK_MINUTES,
                    minimum=0, maximum=7 * 24 * 60, integer=False, unit="minutes")
 

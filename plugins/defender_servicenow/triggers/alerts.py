@@ -12,8 +12,8 @@ Durable state (the asset state store; this trigger is the only writer of these k
 * ``rule_first_seen:<rule name>`` = ISO-8601 time at which a trigger first ran with that rule (rule names
   are kwargs, so editing the rules file re-creates the trigger); rules apply to alerts raised after that.
 
-The event is only a wake-up: the task re-reads Defender from its own ``forwarded_up_to`` watermark, so a
-lost or duplicated event loses or duplicates nothing. Transient failures (network, 5xx, bad JSON, a missing
+The event is only a wake-up: the task reconciles ``DEFENDER_ALERT_RECONCILE_HOURS`` of Defender's alerts
+with its own delivery ledger, so a lost or duplicated event loses or duplicates nothing. Transient failures (network, 5xx, bad JSON, a missing
 connection) are logged without secrets and retried with exponential back-off per source; polling goes on.
 """
 
