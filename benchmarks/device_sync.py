@@ -68,14 +68,14 @@ def requests_by_route(url: str) -> tuple[int, dict]:
 
 def run_sync(label, source, sn_url, state, mapping, *, devices):
     from defender_servicenow import settings
-    from defender_servicenow.hooks.defender import DefenderIoTHook
     from defender_servicenow.hooks.servicenow import ServiceNowHook
+    from defender_servicenow.sources import source_for
     from defender_servicenow.sync import DeviceSync
 
     before, routes_before = requests_by_route(sn_url)
     tracemalloc.start()
     t0 = time.perf_counter()
-    summary = DeviceSync(source=source, defender=DefenderIoTHook(source), servicenow=ServiceNowHook("servicenow_default"),
+    summary = DeviceSync(source=source, defender=source_for(source), servicenow=ServiceNowHook("servicenow_default"),
                          state_store=state, mapping=mapping, source_name=settings.source_name(),
                          data_source=settings.data_source(), batch_size=ARGS.batch_size,
                          parallel=ARGS.parallel).run()

@@ -39,6 +39,7 @@ from defender_servicenow.exceptions import (
     DefenderBadResponseError,
     DefenderCertificateError,
     DefenderError,
+    DefenderForbiddenError,
     DefenderUnreachableError,
 )
 from defender_servicenow.hooks import _http
@@ -56,7 +57,7 @@ _SECRET_HELP = ("create a new client secret for the app registration in Entra ID
                 "Certificates & secrets) and put its value in the connection's password field")
 
 
-class DefenderAzureForbiddenError(DefenderError):
+class DefenderAzureForbiddenError(DefenderForbiddenError):
     """403 from ARM: the app lacks a role (Security Admin to change alerts, Reader to read)."""
 
 
@@ -200,6 +201,7 @@ class DefenderIoTAzureHook(BaseHook):
     :param defender_conn_id: a ``defender_iot_azure`` connection (see :func:`parse_azure_connection`).
     :param page_size: ARG ``$top`` (1-1000).
     :param max_retry_time: seconds one request may spend waiting for quota / retries.
+    :param auth_guard: a ``hooks.lockout.AuthGuard``: no token request after Entra ID rejected these settings.
     """
 
     conn_name_attr = "defender_conn_id"
@@ -209,13 +211,16 @@ class DefenderIoTAzureHook(BaseHook):
     kind = "azure"
 
     def __init__(self, defender_conn_id: str = default_conn_name, *, page_size: int = PAGE_SIZE,
-                 retries: int = 5, max_retry_time: float = 120.0, api_version: str = ARG_API_VERSION) -> None:
+                 retries: int = 5, max_retry_time: float = 120.0, api_version: str = ARG_API_VERSION,
+                 auth_guard: Any = None) -> None:
         super().__init__()
         if not 1 <= page_size <= 1000:
             raise ValueError("page_size must be 1..1000 (ARG $top)")
         self.defender_conn_id = defender_conn_id
         self.page_size, self.retries, self.max_retry_time = page_size, retries, max_retry_time
         self.api_version = api_version
+        self.auth_guard = auth_guard
+        self._guard_checked = False
         self._token: tuple[str, float] | None = None
         self._rejected: str | None = None
         self._quota_wait_until = 0.0
@@ -270,6 +275,13 @@ class DefenderIoTAzureHook(BaseHook):
         if self._token and time.monotonic() < self._token[1]:
             return self._token[0]
         s = self.settings
+        material = f"{s.authority}|{s.tenant_id}|{s.client_id}|{s.client_secret}"
+        if self.auth_guard is not None and not self._guard_checked:
+            self._guard_checked = True
+            suspended = self.auth_guard.check(material)
+            if suspended:
+                self._rejected = suspended
+                raise DefenderAuthError(suspended, status=401)
         self.token_count += 1
         response = self._send("POST", s.token_url, data={
             "grant_type": "client_credentials", "client_id": s.client_id, "client_secret": s.client_secret,
@@ -284,6 +296,8 @@ class DefenderIoTAzureHook(BaseHook):
                 f"Entra ID rejected the credentials of connection {s.conn_id!r} (HTTP {response.status_code}, "
                 f"{body.get('error')}{', AADSTS' + str(codes[0]) if codes else ''}); no further login is tried "
                 f"by this run. Check the tenant id and client id, or {_SECRET_HELP}.")
+            if self.auth_guard is not None:
+                self.auth_guard.rejected(material, self._rejected)
             raise DefenderAuthError(self._rejected, status=response.status_code)
         token, lifetime = (body.get("access_token"), body.get("expires_in")) if isinstance(body, dict) else (None, None)
         if response.status_code != 200 or not isinstance(token, str):
@@ -292,6 +306,8 @@ class DefenderIoTAzureHook(BaseHook):
         from airflow.sdk.log import mask_secret
 
         mask_secret(token)
+        if self.auth_guard is not None:
+            self.auth_guard.accepted()
         lifetime = float(lifetime or 3600)
         self._token = (token, time.monotonic() + lifetime - min(300.0, lifetime / 10))
         return token
