@@ -220,7 +220,8 @@ class AzureSimulator:
         macs, ips = raw.get("macAddresses") or [], raw.get("ipAddresses") or []
         nics = [{"macAddress": macs[k] if k < len(macs) else None,
                  "ipv4Address" if ":" not in ip else "ipv6Address": ip, "macCertainty": "Certain"}
-                for k, ip in enumerate(ips)] or [{"macAddress": m, "macCertainty": "Guess"} for m in macs]
+                for k, ip in enumerate(ips)]
+        nics += [{"macAddress": m, "macCertainty": "Guess"} for m in macs[len(ips):]]   # a NIC per MAC too
         status = "Active"
         if self.config.removed_every and i % self.config.removed_every == 0:
             status = "Removed" if (i // self.config.removed_every) % 2 else "Deleted"
@@ -278,6 +279,18 @@ class AzureSimulator:
                     "Site": dprops.get("sensor", {}).get("site"), "Zone": dprops.get("sensor", {}).get("zone")},
             },
         }
+
+    def update_device(self, index: int, **properties) -> dict:
+        """Change device ``index`` (1-based) as a sensor's report would: its properties, ``lastUpdated`` now."""
+        with self._lock:
+            device = self.devices[index - 1]
+            device["properties"].update(properties, lastUpdated=_iso(datetime.now(timezone.utc)))
+            return device
+
+    def drop_device(self, index: int) -> dict:
+        """Device ``index`` (1-based) disappears from Resource Graph altogether (its resource was deleted)."""
+        with self._lock:
+            return self.devices.pop(index - 1)
 
     def add_alert(self, **properties) -> dict:
         with self._lock:
