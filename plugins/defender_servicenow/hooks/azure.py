@@ -156,6 +156,43 @@ def parse_azure_connection(conn_id: str, login: str | None, password: str | None
     )
 
 
+def token_form(s: AzureSettings) -> dict:
+    """The client-credentials grant's form (hook and trigger)."""
+    return {"grant_type": "client_credentials", "client_id": s.client_id, "client_secret": s.client_secret,
+            "scope": s.scope}
+
+
+def read_token_answer(s: AzureSettings, response: Any) -> tuple[str, float]:
+    """The token endpoint's answer (a requests or httpx response) -> (access token, lifetime s), the token
+    masked; a 400/401 with an
+    ``error`` body is a rejected credential (:class:`DefenderAuthError`), anything else without a token a
+    :class:`DefenderBadResponseError`."""
+    status = response.status_code
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if status in (400, 401) and isinstance(body, dict) and body.get("error"):
+        codes = body.get("error_codes") or []
+        raise DefenderAuthError(
+            f"Entra ID rejected the credentials of connection {s.conn_id!r} (HTTP {status}, "
+            f"{body.get('error')}{', AADSTS' + str(codes[0]) if codes else ''}); no further login is tried "
+            f"by this run. Check the tenant id and client id, or {_SECRET_HELP}.", status=status)
+    token, lifetime = (body.get("access_token"), body.get("expires_in")) if isinstance(body, dict) else (None, None)
+    if status != 200 or not isinstance(token, str):
+        raise DefenderBadResponseError(f"The token endpoint {s.token_url} answered HTTP {status} without an "
+                                       "access token", status=status)
+    from airflow.sdk.log import mask_secret
+
+    mask_secret(token)
+    return token, float(lifetime or 3600)
+
+
+def token_expiry(lifetime: float) -> float:
+    """Monotonic time from which a token of this lifetime is renewed (a tenth of it, at most 5 min, early)."""
+    return time.monotonic() + lifetime - min(300.0, lifetime / 10)
+
+
 def _kql_list(values: tuple[str, ...]) -> str:
     return ", ".join("'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'" for v in values)
 
@@ -283,33 +320,16 @@ class DefenderIoTAzureHook(BaseHook):
                 self._rejected = suspended
                 raise DefenderAuthError(suspended, status=401)
         self.token_count += 1
-        response = self._send("POST", s.token_url, data={
-            "grant_type": "client_credentials", "client_id": s.client_id, "client_secret": s.client_secret,
-            "scope": s.scope})
         try:
-            body = response.json()
-        except ValueError:
-            body = {}
-        if response.status_code in (400, 401) and isinstance(body, dict) and body.get("error"):
-            codes = body.get("error_codes") or []
-            self._rejected = (
-                f"Entra ID rejected the credentials of connection {s.conn_id!r} (HTTP {response.status_code}, "
-                f"{body.get('error')}{', AADSTS' + str(codes[0]) if codes else ''}); no further login is tried "
-                f"by this run. Check the tenant id and client id, or {_SECRET_HELP}.")
+            token, lifetime = read_token_answer(s, self._send("POST", s.token_url, data=token_form(s)))
+        except DefenderAuthError as exc:
+            self._rejected = str(exc)
             if self.auth_guard is not None:
                 self.auth_guard.rejected(material, self._rejected)
-            raise DefenderAuthError(self._rejected, status=response.status_code)
-        token, lifetime = (body.get("access_token"), body.get("expires_in")) if isinstance(body, dict) else (None, None)
-        if response.status_code != 200 or not isinstance(token, str):
-            raise DefenderBadResponseError(f"The token endpoint {s.token_url} answered HTTP {response.status_code} "
-                                           "without an access token", status=response.status_code)
-        from airflow.sdk.log import mask_secret
-
-        mask_secret(token)
+            raise
         if self.auth_guard is not None:
             self.auth_guard.accepted()
-        lifetime = float(lifetime or 3600)
-        self._token = (token, time.monotonic() + lifetime - min(300.0, lifetime / 10))
+        self._token = (token, token_expiry(lifetime))
         return token
 
     def _arm(self, method: str, url: str, **kw) -> requests.Response:
