@@ -22,9 +22,10 @@ Inventories are generated from :class:`include.simulators.inventory.Inventory` (
 appliance simulator: invalid MAC / IP, no NIC, non-ASCII and very long names, several IPs, IPv6), converted
 to the ARG record shape, plus Removed/Deleted devices every ``removed_every`` ids and one record without an
 ``id`` per ``broken_every`` ids. Fault injection: ``POST /_sim/faults`` (``fail_next`` = ``{"status",
-"count"}``, ``throttle_next`` count of 429s, ``latency_ms``); ``GET /_sim/counters``.
+"count"}``, ``throttle_next`` count of 429s, ``latency_ms``); ``GET /_sim/counters``; ``POST /_sim/alerts``
+(``{"count": n, <alert properties>}``: n alerts starting now).
 
-Run: ``python -m include.simulators.azure_sim --port 8443 [--devices N]``.
+Run: ``python -m include.simulators.azure_sim --port 8443 [--devices N] [--alert-interval S]``.
 """
 
 from __future__ import annotations
@@ -280,6 +281,11 @@ class AzureSimulator:
             },
         }
 
+    def raise_alert(self, **properties) -> dict:
+        """A new alert that starts now (``properties`` override the generated ones, e.g. ``severity``)."""
+        now = _iso(datetime.now(timezone.utc))
+        return self.add_alert(**{"startTimeUtc": now, "endTimeUtc": now, **properties})
+
     def update_device(self, index: int, **properties) -> dict:
         """Change device ``index`` (1-based) as a sensor's report would: its properties, ``lastUpdated`` now."""
         with self._lock:
@@ -522,6 +528,13 @@ def create_app(config: AzureSimConfig | None = None) -> FastAPI:
     async def counters():
         return dict(sim.counters)
 
+    @app.post("/_sim/alerts")
+    async def raise_alerts(request: Request):
+        """``{"count": n, <alert properties>...}``: n new alerts starting now (as a sensor reports them)."""
+        body = await request.json()
+        count = int(body.pop("count", 1))
+        return [sim.raise_alert(**body) for _ in range(max(0, min(count, 1000)))]
+
     return app
 
 
@@ -534,9 +547,20 @@ def main() -> None:
     parser.add_argument("--alerts", type=int, default=30)
     parser.add_argument("--token-lifetime", type=int, default=3599)
     parser.add_argument("--quota", type=int, default=15, help="queries per 5 s per principal")
+    parser.add_argument("--sensors", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--alert-interval", type=float, default=0, help="> 0: raise an alert every N s")
     args = parser.parse_args()
-    serve_forever(create_app(AzureSimConfig(devices=args.devices, alerts=args.alerts, quota=args.quota,
-                                            token_lifetime=args.token_lifetime)), args.port)
+    app = create_app(AzureSimConfig(devices=args.devices, alerts=args.alerts, quota=args.quota,
+                                    token_lifetime=args.token_lifetime, sensors=args.sensors, seed=args.seed))
+    if args.alert_interval > 0:
+        def generate() -> None:
+            while True:
+                time.sleep(args.alert_interval)
+                app.state.sim.raise_alert()
+
+        threading.Thread(target=generate, name="alert-generator", daemon=True).start()
+    serve_forever(app, args.port)
 
 
 if __name__ == "__main__":

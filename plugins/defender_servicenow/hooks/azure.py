@@ -164,9 +164,8 @@ def token_form(s: AzureSettings) -> dict:
 
 def read_token_answer(s: AzureSettings, response: Any) -> tuple[str, float]:
     """The token endpoint's answer (a requests or httpx response) -> (access token, lifetime s), the token
-    masked; a 400/401 with an
-    ``error`` body is a rejected credential (:class:`DefenderAuthError`), anything else without a token a
-    :class:`DefenderBadResponseError`."""
+    masked; a 400/401 with an ``error`` body is a rejected credential (:class:`DefenderAuthError`), anything
+    else without a token a :class:`DefenderBadResponseError`."""
     status = response.status_code
     try:
         body = response.json()
