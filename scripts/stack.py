@@ -489,6 +489,22 @@ class Stack(Managed):
         body = resp.json()
         return body if isinstance(body, list) else body.get("alerts", [])
 
+    def raise_alert_keys(self, count: int = 1) -> list[str]:
+        """Raise ``count`` alerts on the first source (appliance or Azure); their keys ``<conn id>:<alert id>``
+        as :meth:`incidents_by_alert` groups them."""
+        source = self.sources[0]
+        if source.mode != AZURE:
+            return [f"{source.conn_id}:{a['id']}" for a in self.add_alerts(count)]
+        from defender_servicenow.azure_models import stable_id
+
+        return [f"{source.conn_id}:{stable_id(a['id'])}" for a in self.add_azure_alerts(source.conn_id, count)]
+
+    def source_device_count(self) -> int | None:
+        """How many devices the first source's simulator holds."""
+        source = self.sources[0]
+        url = self.defender_urls[source.conn_id] + ("/_sim/state" if source.mode == AZURE else "/sim/state")
+        return self._http.get(url, timeout=30).json().get("devices")
+
     def add_azure_alerts(self, conn_id: str, count: int = 1, **properties) -> list[dict]:
         """Raise ``count`` alerts starting now on the Azure simulator of ``conn_id`` (ARG records)."""
         resp = self._http.post(f"{self.defender_urls[conn_id]}/_sim/alerts", json={"count": count, **properties},
@@ -496,10 +512,10 @@ class Stack(Managed):
         resp.raise_for_status()
         return resp.json()
 
-    def cmdb_source_rows(self) -> list[dict]:
+    def cmdb_source_rows(self, conn_id: str = DEFENDER_CONN_ID) -> list[dict]:
         """``sys_object_source`` rows written by this integration for the Defender connection."""
         return [r for r in self.sn_records("sys_object_source")
-                if str(r.get("id", "")).startswith(f"{DEFENDER_CONN_ID}:")]
+                if str(r.get("id", "")).startswith(f"{conn_id}:")]
 
     def incidents_by_alert(self) -> dict[str, list[dict]]:
         """Incidents grouped by alert key (``<conn id>:<alert id>``), from ``correlation_id``."""

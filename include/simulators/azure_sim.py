@@ -22,7 +22,7 @@ Inventories are generated from :class:`include.simulators.inventory.Inventory` (
 appliance simulator: invalid MAC / IP, no NIC, non-ASCII and very long names, several IPs, IPv6), converted
 to the ARG record shape, plus Removed/Deleted devices every ``removed_every`` ids and one record without an
 ``id`` per ``broken_every`` ids. Fault injection: ``POST /_sim/faults`` (``fail_next`` = ``{"status",
-"count"}``, ``throttle_next`` count of 429s, ``latency_ms``); ``GET /_sim/counters``; ``POST /_sim/alerts``
+"count"}``, ``throttle_next`` count of 429s, ``latency_ms``); ``GET /_sim/counters``, ``GET /_sim/state``; ``POST /_sim/alerts``
 (``{"count": n, <alert properties>}``: n alerts starting now).
 
 Run: ``python -m include.simulators.azure_sim --port 8443 [--devices N] [--alert-interval S]``.
@@ -527,6 +527,10 @@ def create_app(config: AzureSimConfig | None = None) -> FastAPI:
     @app.get("/_sim/counters")
     async def counters():
         return dict(sim.counters)
+
+    @app.get("/_sim/state")
+    async def state():
+        return {"devices": len(sim.devices), "alerts": len(sim.alerts), "sensors": len(sim.sensors)}
 
     @app.post("/_sim/alerts")
     async def raise_alerts(request: Request):
