@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python benchmarks/defender_extract.py
 	$(BIN)/python benchmarks/device_sync.py
 	$(BIN)/python benchmarks/alert_forwarding.py
+	$(BIN)/python benchmarks/azure_sync.py
 
 clean:
 	rm -rf .demo .pytest_cache
