@@ -1,4 +1,5 @@
 # Two commands a new user needs:  make demo  (the main job on the simulators)  and  make test  (all tests).
+# make demo DEMO_SOURCE=azure  runs the demo with Defender for IoT in Azure (the Azure simulator) as the source.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,7 +16,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt pyproj
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/demo.py $(if $(DEMO_SOURCE),--source $(DEMO_SOURCE))
 
 test: install
 	$(BIN)/python -m pytest -q -ra
@@ -35,6 +36,7 @@ bench: install
 	$(BIN)/python benchmarks/defender_extract.py
 	$(BIN)/python benchmarks/device_sync.py
 	$(BIN)/python benchmarks/alert_forwarding.py
+	$(BIN)/python benchmarks/azure_sync.py
 
 clean:
 	rm -rf .demo .pytest_cache

@@ -83,6 +83,7 @@ def main() -> None:
     from defender_servicenow.hooks.servicenow import ServiceNowHook
     from defender_servicenow.models import Alert
     from defender_servicenow.rules import parse_rules
+    from defender_servicenow.sources import source_for
 
     dapp = defender_sim.create_app(defender_sim.DefenderSimConfig(mode="management_console", devices=300, alerts=0,
                                                                   sensors=args.sensors))
@@ -113,7 +114,7 @@ def main() -> None:
         return hooks[-1]
 
     def engine():
-        return fwd.AlertForwarder(rules, state, defender_hook=DefenderIoTHook, servicenow_hook=sn_hook)
+        return fwd.AlertForwarder(rules, state, defender_hook=source_for, servicenow_hook=sn_hook)
 
     before = sim.counters()["requests"]
     started = time.perf_counter()

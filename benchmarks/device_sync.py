@@ -35,7 +35,7 @@ os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 from include.simulators.runner import free_port  # noqa: E402
 
 
-def start(module: str, *args: str) -> tuple[subprocess.Popen, str]:
+def start(module: str, *args: str, probe: str = "/sim/state") -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -45,12 +45,33 @@ def start(module: str, *args: str) -> tuple[subprocess.Popen, str]:
         if proc.poll() is not None:
             raise SystemExit(f"{module} exited: {proc.stderr.read().decode()[-2000:]}")
         try:
-            urllib.request.urlopen(url + "/sim/state", timeout=2)
+            urllib.request.urlopen(url + probe, timeout=2)
             return proc, url
         except OSError:
             time.sleep(0.2)
     proc.kill()
     raise SystemExit(f"{module} did not start within 120 s")
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def arguments(devices: int, baseline_devices: int) -> argparse.ArgumentParser:
+    """The command line shared by the sync benchmarks (this one and azure_sync.py)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, default=devices)
+    parser.add_argument("--baseline-devices", type=int, default=baseline_devices, help="0 = skip the baseline")
+    parser.add_argument("--latency-ms", type=int, default=20)
+    parser.add_argument("--ire-item-ms", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--parallel", type=int, default=4)
+    return parser
 
 
 def sim(url: str, path: str, body: dict | None = None, method: str | None = None) -> dict:
@@ -68,14 +89,14 @@ def requests_by_route(url: str) -> tuple[int, dict]:
 
 def run_sync(label, source, sn_url, state, mapping, *, devices):
     from defender_servicenow import settings
-    from defender_servicenow.hooks.defender import DefenderIoTHook
     from defender_servicenow.hooks.servicenow import ServiceNowHook
+    from defender_servicenow.sources import source_for
     from defender_servicenow.sync import DeviceSync
 
     before, routes_before = requests_by_route(sn_url)
     tracemalloc.start()
     t0 = time.perf_counter()
-    summary = DeviceSync(source=source, defender=DefenderIoTHook(source), servicenow=ServiceNowHook("servicenow_default"),
+    summary = DeviceSync(source=source, defender=source_for(source), servicenow=ServiceNowHook("servicenow_default"),
                          state_store=state, mapping=mapping, source_name=settings.source_name(),
                          data_source=settings.data_source(), batch_size=ARGS.batch_size,
                          parallel=ARGS.parallel).run()
@@ -94,15 +115,15 @@ def run_sync(label, source, sn_url, state, mapping, *, devices):
 
 def run_baseline(sn_url: str, source: str, count: int, devices: int) -> tuple[float, float]:
     """One Table API query by name plus one create or update per device (what a naive loop does)."""
-    from defender_servicenow.hooks.defender import DefenderIoTHook
     from defender_servicenow.hooks.servicenow import ServiceNowHook
     from defender_servicenow.mapping import load_class_mapping, map_device
+    from defender_servicenow.sources import source_for
 
     mapping = load_class_mapping()
     hook = ServiceNowHook("servicenow_default")
     before, _ = requests_by_route(sn_url)
     t0, done = time.perf_counter(), 0
-    for device in DefenderIoTHook(source).iter_devices():
+    for device in source_for(source).iter_devices():
         if done >= count:
             break
         if not hasattr(device, "native_key"):
@@ -172,21 +193,9 @@ def main() -> None:
             print(f"first sync vs baseline: {base_reqs / max(first_reqs, 1):,.0f}x fewer requests "
                   f"(target >= 50x), {base_wall / first_wall:,.1f}x faster (target >= 20x)")
     finally:
-        for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--devices", type=int, default=10_000)
-    parser.add_argument("--baseline-devices", type=int, default=1_000, help="0 = skip the baseline")
-    parser.add_argument("--latency-ms", type=int, default=20)
-    parser.add_argument("--ire-item-ms", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--parallel", type=int, default=4)
-    ARGS = parser.parse_args()
+    ARGS = arguments(10_000, 1_000).parse_args()
     main()

@@ -99,9 +99,9 @@ def defender_alert_forwarding():
         from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
         from defender_servicenow import forwarding
         from defender_servicenow.exceptions import ConfigError
-        from defender_servicenow.hooks.defender import DefenderIoTHook
         from defender_servicenow.hooks.lockout import AuthGuard
         from defender_servicenow.hooks.servicenow import ServiceNowHook
+        from defender_servicenow.sources import source_for
 
         auth = asset_state_store[AUTH]
         try:
@@ -116,7 +116,7 @@ def defender_alert_forwarding():
         forwarder = forwarding.AlertForwarder(
             RULES, asset_state_store[ALERTS], dry_run=options["dry_run"], failure_context=context,
             reconcile_hours=RECONCILE_HOURS,
-            defender_hook=lambda conn_id: DefenderIoTHook(conn_id, auth_guard=AuthGuard(
+            defender_hook=lambda conn_id: source_for(conn_id, auth_guard=AuthGuard(
                 auth, "defender", conn_id, cooldown_minutes=DEFENDER_COOLDOWN)),
             servicenow_hook=lambda conn_id: ServiceNowHook(
                 conn_id, max_retry_time=forwarding.SERVICENOW_MAX_RETRY_SECONDS, auth_guard=AuthGuard(
@@ -132,26 +132,35 @@ def defender_alert_forwarding():
     forwarded = forward_alerts.expand(source=SOURCES)
 
     if HANDLE_ON_CLOSE:
-        @task(inlets=[ALERTS], retries=3, retry_delay=timedelta(minutes=1), retry_exponential_backoff=True,
+        @task(inlets=[ALERTS, AUTH], retries=3, retry_delay=timedelta(minutes=1), retry_exponential_backoff=True,
               trigger_rule="all_done")
         def handle_closed_alerts(params=None, asset_state_store=None) -> list[str]:
             from airflow.sdk.exceptions import AirflowFailException
 
-            """Closed loop: alerts of incidents closed in ServiceNow are handled on the management console."""
+            """Closed loop: alerts of incidents closed in ServiceNow are handled on the management console
+            or closed in Azure."""
             from airflow.sdk.exceptions import AirflowException
             from defender_servicenow.closeloop import handle_closed_alerts as run_close_loop
-            from defender_servicenow.hooks.defender import DefenderIoTHook
+            from defender_servicenow.hooks.lockout import AuthGuard
             from defender_servicenow.hooks.servicenow import ServiceNowHook
+            from defender_servicenow.sources import source_for
 
             if (params or {}).get("dry_run"):
                 return ["dry run: nothing handled"]
             sources = list((params or {}).get("sources") or []) or SOURCES
+            auth = asset_state_store[AUTH]   # the lock-out guard covers the closed loop's logins too
             reports = run_close_loop(RULES, asset_state_store[ALERTS], [s for s in sources if s in SOURCES],
-                                     action=HANDLE_ON_CLOSE, defender_hook=DefenderIoTHook,
-                                     servicenow_hook=ServiceNowHook)
+                                     action=HANDLE_ON_CLOSE, defender_hook=lambda c: source_for(c, auth_guard=AuthGuard(
+                                         auth, "defender", c, cooldown_minutes=DEFENDER_COOLDOWN)),
+                                     servicenow_hook=lambda c: ServiceNowHook(c, auth_guard=AuthGuard(
+                                         auth, "servicenow", c, cooldown_minutes=SN_COOLDOWN)))
             if any(r.credentials_rejected for r in reports):   # a 401 is not retried: it could lock the user out
                 raise AirflowFailException("Credentials were rejected while handling alerts of closed incidents "
                                            "(not retried): " + "; ".join(f for r in reports for f in r.failures[:5]))
+            if any(r.forbidden for r in reports):   # a missing role: retrying cannot help
+                raise AirflowFailException("The source refused to change alerts of closed incidents (not "
+                                           "retried): " + "; ".join(f for r in reports if r.forbidden
+                                                                    for f in r.failures[:1]))
             if any(r.failures for r in reports):
                 raise AirflowException("Some alerts of closed incidents could not be handled: "
                                        + "; ".join(f for r in reports for f in r.failures[:5]))

@@ -26,7 +26,7 @@ log = logging.getLogger("defender_servicenow.device_sync")
 
 
 def _kind(defender) -> str | None:
-    return getattr(defender, "appliance", None)
+    return getattr(defender, "kind", None)
 
 
 # Settings are validated here: a bad value is this DAG's import error, naming the variable and the rule.
@@ -130,10 +130,10 @@ def defender_device_sync():
     @task(inlets=[SYNC_STATE, AUTH], outlets=[LAST_SYNC], map_index_template="{{ defender_source }}")
     def sync_source(source: str, params=None, asset_state_store=None, outlet_events=None) -> dict:
         from airflow.sdk import get_current_context
-        from defender_servicenow.hooks.defender import DefenderIoTHook
         from defender_servicenow.hooks.lockout import AuthGuard
         from defender_servicenow.hooks.servicenow import ServiceNowHook
         from defender_servicenow.mapping import load_class_mapping
+        from defender_servicenow.sources import source_for
         from defender_servicenow.sync import DeviceSync, max_value_bytes, record_failure
 
         context = get_current_context()
@@ -148,7 +148,7 @@ def defender_device_sync():
         defender = None
         try:
             auth = asset_state_store[AUTH]
-            defender = DefenderIoTHook(source, auth_guard=AuthGuard(
+            defender = source_for(source, auth_guard=AuthGuard(
                 auth, "defender", source, cooldown_minutes=DEFENDER_COOLDOWN))
             servicenow = ServiceNowHook(SERVICENOW_CONN_ID, auth_guard=AuthGuard(
                 auth, "servicenow", SERVICENOW_CONN_ID, cooldown_minutes=SN_COOLDOWN))

@@ -8,11 +8,14 @@ Ctrl-C stops everything it started. Each run starts from a clean state.
     python scripts/demo.py                  # run until Ctrl-C
     python scripts/demo.py --duration 300   # run five minutes, then stop
     python scripts/demo.py --check          # wait for CIs and incidents, print counts, exit 0 or 1
+    python scripts/demo.py --source azure   # Defender for IoT in Azure (the Azure simulator) as the source
+                                            # (also DEMO_SOURCE=azure, e.g. make demo DEMO_SOURCE=azure)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import statistics
 import sys
@@ -22,14 +25,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.stack import (  # noqa: E402
+    AZURE,
     DAG_IDS,
     ROOT,
+    SourceSpec,
     Stack,
     StackError,
     StackOptions,
-    alert_key,
     wait_until,
 )
+
+AZURE_CONN_ID = "defender_iot_azure_default"
+SOURCES = ("console", AZURE)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,14 +51,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=3,
                         help="--check: alerts raised (7 s apart) to measure the alert-to-incident latency")
     parser.add_argument("--devices", type=int, default=150, help="devices on the management console")
+    parser.add_argument("--source", choices=SOURCES, default=os.environ.get("DEMO_SOURCE") or "console",
+                        help="the Defender source: a management console (default) or Defender for IoT in Azure "
+                             "(cloud-connected sensors; default from DEMO_SOURCE)")
     parser.add_argument("--alert-interval", type=float, default=5, metavar="SECONDS",
                         help="the Defender simulator raises a new alert this often (0: never)")
     parser.add_argument("--poll-seconds", type=float, metavar="SECONDS",
                         help="DEFENDER_ALERT_POLL_SECONDS for the alert watcher (default: the trigger's own)")
     args = parser.parse_args(argv)
 
+    if args.source not in SOURCES:
+        parser.error(f"DEMO_SOURCE / --source is {args.source!r}; give one of {', '.join(SOURCES)}")
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM (e.g. from CI) stops the stack like Ctrl-C does
-    options = StackOptions(home=args.home, devices=args.devices, sensors=2,
+    sources = ((SourceSpec(AZURE_CONN_ID, AZURE, args.devices, 2, name="Defender for IoT (Azure demo)"),)
+               if args.source == AZURE else None)
+    options = StackOptions(home=args.home, devices=args.devices, sensors=2, sources=sources,
                            alert_interval_s=args.alert_interval,
                            alert_poll_seconds=args.poll_seconds)
     stack = Stack(options)
@@ -106,7 +120,8 @@ Everything is running.
                       {stack.api_url}/defender-servicenow/api/health)
   Login               admin / {stack.password}   (also in {home / 'passwords.json'})
   ServiceNow (sim)    {stack.sn_url}/sim/   the CMDB CIs and the incidents the DAGs wrote
-  Defender (sim)      {stack.defender_url}/sim/state   management console, {args.devices} devices on 2 sensors{
+  Defender (sim)      {stack.defender_url}{'/_sim/state   Defender for IoT in Azure (Entra ID, Resource Graph, ARM)'
+                       if args.source == AZURE else '/sim/state   management console'}, {args.devices} devices on 2 sensors{
       f', a new alert every {args.alert_interval:g} s' if args.alert_interval else ''}
 
 Where to look in Airflow:
@@ -114,7 +129,7 @@ Where to look in Airflow:
                 (the device sync runs now and on its schedule; alert forwarding runs on its own when
                 the alert watcher sees new alerts; the clean-up runs only when you trigger it)
   Task logs     a run > a task > Logs   (files under {home / 'logs'})
-  Last Sync     Assets > defender_device_sync/defender_iot_default > events: one per successful sync
+  Last Sync     Assets > defender_device_sync/{stack.sources[0].conn_id} > events: one per successful sync
   Alerts        Assets > defender_iot_alerts > events: one per batch of new alerts the watcher saw
   Processes     {stack.logs_dir}/*.log
 """, flush=True)
@@ -127,7 +142,7 @@ def check(stack: Stack, timeout: float, samples: int) -> int:
     """Wait for CIs and incidents in the ServiceNow simulator, measure alert-to-incident latency."""
     def ready():
         stack.raise_on_import_errors()
-        return stack.cmdb_source_rows() and stack.incidents_by_alert()
+        return stack.cmdb_source_rows(stack.sources[0].conn_id) and stack.incidents_by_alert()
 
     try:
         wait_until(ready, timeout, "CIs and incidents in the ServiceNow simulator", interval=2)
@@ -156,8 +171,8 @@ def measure_latency(stack: Stack, samples: int, spacing: float, timeout: float) 
     start = checked = time.monotonic()
     while len(seen) < samples and time.monotonic() - start < timeout:
         if len(raised) < samples and time.monotonic() - start >= spacing * len(raised):
-            for alert in stack.add_alerts(1):
-                raised[alert_key(alert)] = time.monotonic()
+            for key in stack.raise_alert_keys(1):
+                raised[key] = time.monotonic()
         present = stack.incidents_by_alert()
         now = time.monotonic()
         seen.update({k: now - t for k, t in raised.items() if k in present and k not in seen})
@@ -170,8 +185,8 @@ def measure_latency(stack: Stack, samples: int, spacing: float, timeout: float) 
 
 def print_counts(stack: Stack) -> None:
     incidents = stack.incidents_by_alert()
-    print(f"CIs written by the sync (sys_object_source rows): {len(stack.cmdb_source_rows())} "
-          f"for {stack.defender_state().get('devices')} Defender devices")
+    print(f"CIs written by the sync (sys_object_source rows): "
+          f"{len(stack.cmdb_source_rows(stack.sources[0].conn_id))} for {stack.source_device_count()} Defender devices")
     print(f"incidents from Defender alerts: {sum(len(v) for v in incidents.values())} "
           f"for {len(incidents)} distinct alerts")
     for dag_id in DAG_IDS:

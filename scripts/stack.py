@@ -50,6 +50,7 @@ DEFENDER_CONN_ID = "defender_iot_default"
 USERNAME = "admin"
 PIDS_FILE = "stack-pids.json"
 FINAL_STATES = {"success", "failed"}
+AZURE = "azure"   # SourceSpec.mode of a Defender for IoT in Azure source (the Azure simulator)
 
 # Forward every alert as an incident, and Major and above also to the Defender for IoT application table.
 DEMO_RULES = {
@@ -72,7 +73,7 @@ class StackError(RuntimeError):
 class SourceSpec:
     """One Defender simulator and the connection pointing at it."""
     conn_id: str
-    mode: str = "management_console"          # "sensor" | "management_console"
+    mode: str = "management_console"          # "sensor" | "management_console" | "azure" (the Azure simulator)
     devices: int = 150
     sensors: int = 2                          # management console only: sensors behind it
     seed: int = 1
@@ -152,9 +153,14 @@ class Stack(Managed):
             defender = [py, "-m", "include.simulators.defender_sim", "--port", str(port), "--mode", source.mode,
                         "--devices", str(source.devices), "--seed", str(source.seed),
                         "--sensors", str(source.sensors), "--name", source.name]
+            if source.mode == AZURE:   # Entra ID, Resource Graph and ARM on one loopback app
+                defender = [py, "-m", "include.simulators.azure_sim", "--port", str(port), "--devices",
+                            str(source.devices), "--seed", str(source.seed), "--sensors", str(source.sensors),
+                            "--alerts", "5", "--quota", "100"]
             if o.alert_interval_s:
                 defender += ["--alert-interval", str(o.alert_interval_s)]
-            self._spawn("defender-sim" if i == 0 else f"defender-sim-{source.conn_id}", defender, "defender_sim")
+            self._spawn("defender-sim" if i == 0 else f"defender-sim-{source.conn_id}", defender,
+                        "azure_sim" if source.mode == AZURE else "defender_sim")
 
         migrate = subprocess.run([str(BIN / "airflow"), "db", "migrate"], cwd=ROOT, env=self.env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -176,8 +182,10 @@ class Stack(Managed):
 
         deadline = time.monotonic() + o.startup_timeout
         self._wait_http(f"{self.sn_url}/sim/state", deadline, "ServiceNow simulator")
-        for conn_id, url in self.defender_urls.items():
-            self._wait_http(f"{url}/sim/state", deadline, f"Defender simulator of {conn_id}")
+        for source in self.sources:
+            probe = "/_sim/counters" if source.mode == AZURE else "/sim/state"
+            self._wait_http(self.defender_urls[source.conn_id] + probe, deadline,
+                            f"Defender simulator of {source.conn_id}")
         self._wait_http(f"{self.api_url}/api/v2/version", deadline, "Airflow api-server", auth=True)
 
     def stop(self, timeout: float = 20.0) -> None:
@@ -264,9 +272,10 @@ class Stack(Managed):
             "DEFENDER_FORWARDING_RULES_FILE": str(rules),
         })
         for source in self.sources:
-            env[f"AIRFLOW_CONN_{source.conn_id.upper()}"] = json.dumps({
-                "conn_type": "defender_iot", "host": self.defender_urls[source.conn_id], "password": SIM_TOKEN,
-                "extra": {"appliance": source.mode, "name": source.name}})
+            env[f"AIRFLOW_CONN_{source.conn_id.upper()}"] = json.dumps(
+                azure_connection(self.defender_urls[source.conn_id], source.name) if source.mode == AZURE else {
+                    "conn_type": "defender_iot", "host": self.defender_urls[source.conn_id], "password": SIM_TOKEN,
+                    "extra": {"appliance": source.mode, "name": source.name}})
         env.update(self._sqlite_environment())
         env.update(self._celery_environment())
         if o.fast:
@@ -453,9 +462,10 @@ class Stack(Managed):
 
     def secrets(self) -> list[str]:
         """Every secret this stack handed to Airflow (for "no secret in any log" checks)."""
+        from include.simulators.azure_sim import SIM_CLIENT_SECRET as AZURE_SECRET
         from include.simulators.servicenow_sim import SIM_CLIENT_SECRET, SIM_PASSWORD
 
-        return [SIM_PASSWORD, SIM_CLIENT_SECRET, self.defender_token, self.password,
+        return [SIM_PASSWORD, SIM_CLIENT_SECRET, AZURE_SECRET, self.defender_token, self.password,
                 self.env["AIRFLOW__API_AUTH__JWT_SECRET"], self.env["AIRFLOW__CORE__FERNET_KEY"]]
 
     def sn_records(self, table: str) -> list[dict]:
@@ -479,10 +489,33 @@ class Stack(Managed):
         body = resp.json()
         return body if isinstance(body, list) else body.get("alerts", [])
 
-    def cmdb_source_rows(self) -> list[dict]:
+    def raise_alert_keys(self, count: int = 1) -> list[str]:
+        """Raise ``count`` alerts on the first source (appliance or Azure); their keys ``<conn id>:<alert id>``
+        as :meth:`incidents_by_alert` groups them."""
+        source = self.sources[0]
+        if source.mode != AZURE:
+            return [f"{source.conn_id}:{a['id']}" for a in self.add_alerts(count)]
+        from defender_servicenow.azure_models import stable_id
+
+        return [f"{source.conn_id}:{stable_id(a['id'])}" for a in self.add_azure_alerts(source.conn_id, count)]
+
+    def source_device_count(self) -> int | None:
+        """How many devices the first source's simulator holds."""
+        source = self.sources[0]
+        url = self.defender_urls[source.conn_id] + ("/_sim/state" if source.mode == AZURE else "/sim/state")
+        return self._http.get(url, timeout=30).json().get("devices")
+
+    def add_azure_alerts(self, conn_id: str, count: int = 1, **properties) -> list[dict]:
+        """Raise ``count`` alerts starting now on the Azure simulator of ``conn_id`` (ARG records)."""
+        resp = self._http.post(f"{self.defender_urls[conn_id]}/_sim/alerts", json={"count": count, **properties},
+                               timeout=30)
+        resp.raise_for_status()
+        return resp.json()
+
+    def cmdb_source_rows(self, conn_id: str = DEFENDER_CONN_ID) -> list[dict]:
         """``sys_object_source`` rows written by this integration for the Defender connection."""
         return [r for r in self.sn_records("sys_object_source")
-                if str(r.get("id", "")).startswith(f"{DEFENDER_CONN_ID}:")]
+                if str(r.get("id", "")).startswith(f"{conn_id}:")]
 
     def incidents_by_alert(self) -> dict[str, list[dict]]:
         """Incidents grouped by alert key (``<conn id>:<alert id>``), from ``correlation_id``."""
@@ -493,6 +526,15 @@ class Stack(Managed):
                 # keys are <conn id>:<alert id>@<alert time ms>; group by <conn id>:<alert id>
                 grouped.setdefault(corr.removeprefix("defender-iot:").split("@", 1)[0], []).append(rec)
         return grouped
+
+
+def azure_connection(url: str, name: str) -> dict:
+    """A ``defender_iot_azure`` connection whose authority and resource manager are the Azure simulator."""
+    from include.simulators.azure_sim import SIM_CLIENT_ID, SIM_CLIENT_SECRET, SIM_SUBSCRIPTION, SIM_TENANT
+
+    return {"conn_type": "defender_iot_azure", "login": SIM_CLIENT_ID, "password": SIM_CLIENT_SECRET,
+            "extra": {"tenant_id": SIM_TENANT, "subscriptions": [SIM_SUBSCRIPTION], "authority": url,
+                      "resource_manager": url, "name": name}}
 
 
 def alert_key(alert: dict) -> str:

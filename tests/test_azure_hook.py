@@ -207,3 +207,37 @@ def test_spent_quota_with_zero_reset_still_waits(azure_sim_factory, sleeps, monk
     assert not sleeps
     hook.get_alerts()
     assert sleeps and sleeps[0] > 0
+
+
+def test_the_lock_out_guard_stops_later_runs_logging_in_with_rejected_credentials(azure_sim_factory, monkeypatch,
+                                                                                  sleeps):
+    """Rejected by Entra ID once: later hooks (later runs) of the same settings try no login until the
+    connection changes; a corrected secret logs in at once."""
+    import json
+    import os
+
+    from defender_servicenow.hooks.lockout import AuthGuard
+    from defender_servicenow.sources import source_for
+
+    class Store(dict):
+        def set(self, key, value):
+            self[key] = value
+
+    store = Store()
+    sim = azure_sim_factory("az_guarded", secret="wrong-secret")
+
+    def guarded():
+        return source_for("az_guarded", auth_guard=AuthGuard(store, "defender", "az_guarded", cooldown_minutes=30))
+
+    with pytest.raises(DefenderAuthError):
+        list(guarded().iter_devices())
+    assert sim.sim.counters["token"] == 1 and store["defender:az_guarded"]["status"] == "credentials_rejected"
+    assert "wrong-secret" not in json.dumps(store)
+    with pytest.raises(DefenderAuthError, match="lock-out guard"):
+        guarded().get_alerts()
+    assert sim.sim.counters["token"] == 1                   # no second login with the rejected secret
+
+    conn = json.loads(os.environ["AIRFLOW_CONN_AZ_GUARDED"])
+    monkeypatch.setenv("AIRFLOW_CONN_AZ_GUARDED", json.dumps({**conn, "password": SIM_CLIENT_SECRET}))
+    assert guarded().get_sensors()                          # the connection changed: logins again
+    assert store["defender:az_guarded"]["status"] == "ok"

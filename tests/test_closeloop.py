@@ -7,6 +7,7 @@ import pytest
 from defender_servicenow.closeloop import handle_closed_alerts, scan_key
 from defender_servicenow.hooks.defender import DefenderIoTHook
 from defender_servicenow.hooks.servicenow import ServiceNowHook
+from defender_servicenow.sources import source_for
 
 from tests.test_forwarding import DictState, baseline, forwarder, rules_with
 
@@ -19,7 +20,7 @@ def close(incident: dict, state: str = "7") -> None:
 
 
 def run(rules, state, sources=(CONN,), action="handle"):
-    return handle_closed_alerts(rules, state, list(sources), action=action, defender_hook=DefenderIoTHook,
+    return handle_closed_alerts(rules, state, list(sources), action=action, defender_hook=source_for,
                                 servicenow_hook=ServiceNowHook)
 
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from defender_servicenow.hooks.connections import parse_defender_connection
 from defender_servicenow.hooks.defender import DefenderIoTHook
-from defender_servicenow.triggers.alerts import DefenderAlertTrigger
+from defender_servicenow.triggers.pollers import poller_for
 
 CASES = [  # (host, port, password, extra) -> expected base URL, token, verify
     ("appliance.example", None, "tok", {}, "https://appliance.example", "tok", True),
@@ -31,11 +31,11 @@ def test_hook_and_trigger_read_a_connection_the_same_way(monkeypatch, host, port
     assert (hook.base_url, hook._settings.token, hook._settings.verify) == (url, token, verify)
 
     async def trigger_client():
-        client, path = await DefenderAlertTrigger(sources=["defender_parse"])._client("defender_parse")
+        poller = await poller_for("defender_parse", 600_000)   # what the trigger polls with
         try:
-            return str(client.base_url).rstrip("/"), client.headers["Authorization"], path
+            return str(poller.client.base_url).rstrip("/"), poller.client.headers["Authorization"], poller.path
         finally:
-            await client.aclose()
+            await poller.aclose()
 
     base, header, path = asyncio.run(trigger_client())
     assert (base, header) == (url, token)

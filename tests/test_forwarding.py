@@ -8,10 +8,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from defender_servicenow import forwarding as fwd
-from defender_servicenow.hooks.defender import DefenderIoTHook
 from defender_servicenow.hooks.servicenow import ServiceNowHook
 from defender_servicenow.models import Alert
 from defender_servicenow.rules import parse_rules
+from defender_servicenow.sources import source_for
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 T0_MS = int(T0.timestamp() * 1000)
@@ -146,7 +146,7 @@ def forwarder(rules, state, *, dry_run=False, retry_seconds=60.0, hooks=None, **
         hooks[conn_id] = ServiceNowHook(conn_id, max_retry_time=retry_seconds)
         return hooks[conn_id]
 
-    return fwd.AlertForwarder(rules, state, defender_hook=DefenderIoTHook, servicenow_hook=sn, dry_run=dry_run, **kw)
+    return fwd.AlertForwarder(rules, state, defender_hook=source_for, servicenow_hook=sn, dry_run=dry_run, **kw)
 
 
 def routes(sn_handle) -> dict:

@@ -7,9 +7,9 @@ import json
 from datetime import datetime, timedelta, timezone
 
 from defender_servicenow import forwarding as fwd
-from defender_servicenow.hooks.defender import DefenderIoTHook
 from defender_servicenow.hooks.lockout import AuthGuard
 from defender_servicenow.hooks.servicenow import ServiceNowHook
+from defender_servicenow.sources import source_for
 
 from tests.test_forwarding import SRC, DictState, baseline, rules_with
 
@@ -23,7 +23,7 @@ def test_rejected_credentials_stop_further_logins(defender_sim_factory, servicen
     guard = lambda conn: AuthGuard(auth, "servicenow", conn, cooldown_minutes=30, clock=lambda: now[0])  # noqa: E731
 
     def engine():
-        return fwd.AlertForwarder(rules, state, defender_hook=DefenderIoTHook,
+        return fwd.AlertForwarder(rules, state, defender_hook=source_for,
                                   servicenow_hook=lambda c: ServiceNowHook(c, max_retry_time=1, auth_guard=guard(c)))
 
     baseline(rules, state, [SRC])

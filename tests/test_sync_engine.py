@@ -26,9 +26,12 @@ def device(i: int, source: str = "sensor_a", **fields) -> Device:
 
 
 class FakeDefender:
+    """A Source (sources.py) over a list: ``kind`` sensor counts missing devices, a console reports deletions."""
+
     def __init__(self, devices, appliance="sensor", deleted=()):
-        self.devices, self.appliance, self.deleted = list(devices), appliance, list(deleted)
+        self.devices, self.kind, self.deleted = list(devices), appliance, list(deleted)
         self.fail_after: int | None = None
+        self.retires_missing = appliance != "management_console"
 
     def iter_devices(self):
         for n, d in enumerate(self.devices):
@@ -254,6 +257,21 @@ def test_console_deleted_devices_are_retired():
     assert summary.retired == 1 and sn.cis["sensor_a:4"]["install_status"] == "7"
 
 
+def test_a_source_with_deletions_and_missing_counts_retires_both():
+    """Azure: a Removed/Deleted device is retired at once; one gone from the inventory after N syncs."""
+    devices = [device(i) for i in range(1, 6)]
+    defender, sn, store = FakeDefender(devices, appliance="azure"), FakeServiceNow(), MemoryStateStore()
+    assert defender.retires_missing
+    run(defender, sn, store)
+    defender.devices, defender.deleted = devices[:3], [4]          # 4 reported deleted, 5 just gone
+    first = run(defender, sn, store, retire_after_missing_runs=2)
+    assert first.retired == 1 and sn.cis["sensor_a:4"]["install_status"] == "7"
+    assert sn.cis["sensor_a:5"].get("install_status") != "7"
+    second = run(defender, sn, store, retire_after_missing_runs=2)
+    assert second.retired == 1 and sn.cis["sensor_a:5"]["install_status"] == "7"
+    assert run(defender, sn, store, retire_after_missing_runs=2).retired == 0   # once
+
+
 def test_dry_run_writes_nothing():
     defender, sn, store = FakeDefender([device(i) for i in range(1, 5)]), FakeServiceNow(), MemoryStateStore()
     summary = run(defender, sn, store, dry_run=True)
@@ -266,11 +284,11 @@ def test_dry_run_writes_nothing():
 
 
 def sim_engine(source, store, **kw):
-    from defender_servicenow.hooks.defender import DefenderIoTHook
     from defender_servicenow.hooks.servicenow import ServiceNowHook
+    from defender_servicenow.sources import source_for
 
     servicenow = kw.pop("servicenow", None) or ServiceNowHook("servicenow_default", max_retry_time=2)
-    options = dict(source=source, defender=DefenderIoTHook(source), servicenow=servicenow, state_store=store,
+    options = dict(source=source, defender=source_for(source), servicenow=servicenow, state_store=store,
                    mapping=MAPPING, source_name="MicrosoftDefenderIoT", data_source="Other Automated",
                    batch_size=10, parallel=3)
     return DeviceSync(**{**options, **kw})

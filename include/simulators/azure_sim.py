@@ -22,9 +22,10 @@ Inventories are generated from :class:`include.simulators.inventory.Inventory` (
 appliance simulator: invalid MAC / IP, no NIC, non-ASCII and very long names, several IPs, IPv6), converted
 to the ARG record shape, plus Removed/Deleted devices every ``removed_every`` ids and one record without an
 ``id`` per ``broken_every`` ids. Fault injection: ``POST /_sim/faults`` (``fail_next`` = ``{"status",
-"count"}``, ``throttle_next`` count of 429s, ``latency_ms``); ``GET /_sim/counters``.
+"count"}``, ``throttle_next`` count of 429s, ``latency_ms``); ``GET /_sim/counters``, ``GET /_sim/state``; ``POST /_sim/alerts``
+(``{"count": n, <alert properties>}``: n alerts starting now).
 
-Run: ``python -m include.simulators.azure_sim --port 8443 [--devices N]``.
+Run: ``python -m include.simulators.azure_sim --port 8443 [--devices N] [--alert-interval S]``.
 """
 
 from __future__ import annotations
@@ -220,7 +221,8 @@ class AzureSimulator:
         macs, ips = raw.get("macAddresses") or [], raw.get("ipAddresses") or []
         nics = [{"macAddress": macs[k] if k < len(macs) else None,
                  "ipv4Address" if ":" not in ip else "ipv6Address": ip, "macCertainty": "Certain"}
-                for k, ip in enumerate(ips)] or [{"macAddress": m, "macCertainty": "Guess"} for m in macs]
+                for k, ip in enumerate(ips)]
+        nics += [{"macAddress": m, "macCertainty": "Guess"} for m in macs[len(ips):]]   # a NIC per MAC too
         status = "Active"
         if self.config.removed_every and i % self.config.removed_every == 0:
             status = "Removed" if (i // self.config.removed_every) % 2 else "Deleted"
@@ -278,6 +280,23 @@ class AzureSimulator:
                     "Site": dprops.get("sensor", {}).get("site"), "Zone": dprops.get("sensor", {}).get("zone")},
             },
         }
+
+    def raise_alert(self, **properties) -> dict:
+        """A new alert that starts now (``properties`` override the generated ones, e.g. ``severity``)."""
+        now = _iso(datetime.now(timezone.utc))
+        return self.add_alert(**{"startTimeUtc": now, "endTimeUtc": now, **properties})
+
+    def update_device(self, index: int, **properties) -> dict:
+        """Change device ``index`` (1-based) as a sensor's report would: its properties, ``lastUpdated`` now."""
+        with self._lock:
+            device = self.devices[index - 1]
+            device["properties"].update(properties, lastUpdated=_iso(datetime.now(timezone.utc)))
+            return device
+
+    def drop_device(self, index: int) -> dict:
+        """Device ``index`` (1-based) disappears from Resource Graph altogether (its resource was deleted)."""
+        with self._lock:
+            return self.devices.pop(index - 1)
 
     def add_alert(self, **properties) -> dict:
         with self._lock:
@@ -509,6 +528,17 @@ def create_app(config: AzureSimConfig | None = None) -> FastAPI:
     async def counters():
         return dict(sim.counters)
 
+    @app.get("/_sim/state")
+    async def state():
+        return {"devices": len(sim.devices), "alerts": len(sim.alerts), "sensors": len(sim.sensors)}
+
+    @app.post("/_sim/alerts")
+    async def raise_alerts(request: Request):
+        """``{"count": n, <alert properties>...}``: n new alerts starting now (as a sensor reports them)."""
+        body = await request.json()
+        count = int(body.pop("count", 1))
+        return [sim.raise_alert(**body) for _ in range(max(0, min(count, 1000)))]
+
     return app
 
 
@@ -521,9 +551,20 @@ def main() -> None:
     parser.add_argument("--alerts", type=int, default=30)
     parser.add_argument("--token-lifetime", type=int, default=3599)
     parser.add_argument("--quota", type=int, default=15, help="queries per 5 s per principal")
+    parser.add_argument("--sensors", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--alert-interval", type=float, default=0, help="> 0: raise an alert every N s")
     args = parser.parse_args()
-    serve_forever(create_app(AzureSimConfig(devices=args.devices, alerts=args.alerts, quota=args.quota,
-                                            token_lifetime=args.token_lifetime)), args.port)
+    app = create_app(AzureSimConfig(devices=args.devices, alerts=args.alerts, quota=args.quota,
+                                    token_lifetime=args.token_lifetime, sensors=args.sensors, seed=args.seed))
+    if args.alert_interval > 0:
+        def generate() -> None:
+            while True:
+                time.sleep(args.alert_interval)
+                app.state.sim.raise_alert()
+
+        threading.Thread(target=generate, name="alert-generator", daemon=True).start()
+    serve_forever(app, args.port)
 
 
 if __name__ == "__main__":

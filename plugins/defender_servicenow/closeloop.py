@@ -1,13 +1,17 @@
 """Closed loop (opt-in, ``DEFENDER_HANDLE_ALERTS_ON_CLOSE``): when an incident this integration created is
-resolved or closed in ServiceNow, handle its alert on the Defender for IoT management console.
+resolved or closed in ServiceNow, handle its alert on the source: on a Defender for IoT management console
+(``handle`` / ``handleAndLearn``), or in Azure (status ``Closed`` through the ARM PATCH). The engine asks the
+source (``supports_alert_state``, ``get_alerts(state="unhandled")``, ``set_alert_state``), never its kind.
 
-Per management-console source and incident destination of the rules, one query finds the incidents closed
+Per source that supports alert state and incident destination of the rules, one query finds the incidents closed
 since the last scan (``correlation_id`` prefix ``defender-iot:<conn id>:``, closed states, ``sys_updated_on``
-watermark; the first scan looks back ``DEFENDER_ALERT_RECONCILE_HOURS``), one request lists the console's
+watermark; the first scan looks back ``DEFENDER_ALERT_RECONCILE_HOURS``), one request lists the source's
 unhandled alerts raised from the earliest closed incident's alert time (id -> UUID), and one ``PUT
-/external/v1/alerts/<UUID>`` per alert handles it (``handle`` or ``handleAndLearn``). Alerts no longer
-unhandled are counted as already done, so reruns do nothing twice. Sensors have no API to handle alerts;
-sources of that kind are reported and skipped.
+/external/v1/alerts/<UUID>`` (or one Azure PATCH) per alert handles it (``handle`` or ``handleAndLearn`` on a
+console, ``Closed`` in Azure). Alerts no longer unhandled are counted as already done, so reruns do nothing
+twice. Sensors have no API to handle alerts; such sources are reported and skipped. A refused action (Azure
+403: the app lacks Security Admin) is reported once per run and stops that source's loop (``forbidden``: not
+retried).
 
 The alert UUID comes from the hook's ``Alert.uuid``: the console's own value when its answer carries one,
 else ``<id>-<time ms>``, the pattern of the documented examples (an inference: defender-api.md §4.2).
@@ -27,6 +31,7 @@ from defender_servicenow import settings
 from defender_servicenow.exceptions import (
     DefenderAuthError,
     DefenderError,
+    DefenderForbiddenError,
     IntegrationError,
     ServiceNowAuthError,
 )
@@ -63,6 +68,7 @@ class CloseLoopReport:
     skipped: str | None = None
     ignored: int = 0           # closed incidents not ours, or closed by the clean-up DAG
     credentials_rejected: bool = False   # a 401/403: not retried (it could lock the user out)
+    forbidden: bool = False   # the source refused the action (a missing role): not retried
 
     def line(self) -> str:
         if self.skipped:
@@ -76,8 +82,9 @@ def handle_closed_alerts(rules: RuleSet, state: StateStore, sources: Sequence[st
                          defender_hook: Callable[[str], Any],
                          servicenow_hook: Callable[[str], Any], window_hours: float | None = None,
                          clock: Callable[[], datetime] | None = None) -> list[CloseLoopReport]:
-    """Handle on the consoles the alerts whose incidents were closed in ServiceNow; one report per source.
+    """Handle on the sources the alerts whose incidents were closed in ServiceNow; one report per source.
 
+    :param defender_hook: factory ``conn_id -> Source``.
     :param window_hours: how far back the first scan (no watermark yet) looks for closed incidents, and how
         far before its incident's creation a record written under the previous key (no alert time in its
         key) may name its alert; default ``DEFENDER_ALERT_RECONCILE_HOURS``.
@@ -94,8 +101,9 @@ def handle_closed_alerts(rules: RuleSet, state: StateStore, sources: Sequence[st
         reports.append(report)
         try:
             dhook = defender_hook(source)
-            if dhook.appliance != "management_console":
-                report.skipped = "an OT sensor has no API to handle alerts; only a management console has"
+            if not dhook.supports_alert_state:
+                report.skipped = (f"a {dhook.kind} source has no API to handle alerts; a management console "
+                                  "and Azure have")
                 continue
             unhandled: dict[int, Alert] | None = None
             for conn, table in destinations:
@@ -118,6 +126,9 @@ def handle_closed_alerts(rules: RuleSet, state: StateStore, sources: Sequence[st
                     _handle_one(dhook, row, unhandled, action, report, Destination(conn, "incidents", table))
                 if len(report.failures) == failed_before:   # else the next run retries from the same point
                     state.set(key, max(row.get("sys_updated_on") or "" for row in rows))
+        except DefenderForbiddenError as exc:   # once per run, not per alert: a role is missing
+            report.failures.append(str(exc))
+            report.forbidden = True
         except (IntegrationError, DefenderError, AirflowNotFoundException) as exc:
             report.failures.append(str(exc))
             report.credentials_rejected |= isinstance(exc, (DefenderAuthError, ServiceNowAuthError))
@@ -174,8 +185,8 @@ def _handle_one(dhook, row: dict, unhandled: dict[int, Alert], action: str, repo
         report.already += 1
         return
     try:
-        dhook.handle_alert(alert.uuid, action)
-    except DefenderAuthError:
+        dhook.set_alert_state(alert, action)
+    except (DefenderAuthError, DefenderForbiddenError):
         raise
     except DefenderError as exc:
         report.failures.append(f"{row.get('number')} (alert {alert.id}): {exc}")

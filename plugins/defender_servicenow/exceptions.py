@@ -97,3 +97,8 @@ class DefenderUnreachableError(DefenderError):
 
 class DefenderCertificateError(DefenderError):
     """TLS certificate verification failed."""
+
+
+class DefenderForbiddenError(DefenderError):
+    """The source accepted the credentials but refused the action (e.g. Azure 403: a role is missing);
+    retrying cannot help until someone grants the role."""

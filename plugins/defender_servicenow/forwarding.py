@@ -189,8 +189,9 @@ class AlertForwarder:
 
     :param rules: the validated rules.
     :param state: the asset state accessor (sync ``get``/``set``) of ``defender_iot_alerts``.
-    :param defender_hook / servicenow_hook: factories ``conn_id -> hook``. Of the Defender hook the engine
-        uses ``appliance``, ``appliance_name``, ``get_alerts(from_time=, to_time=)`` and ``iter_devices()``.
+    :param defender_hook / servicenow_hook: factories ``conn_id -> source`` / ``conn_id -> hook``. Of the
+        :class:`~defender_servicenow.sources.Source` the engine uses ``kind``, ``name``, ``aggregates_sensors``,
+        ``get_alerts(from_time=, to_time=)`` and ``iter_devices()``.
     :param failure_context: ``dag_id``, ``run_id``, ``task_id``, ``map_index``, ``try_number`` for the
         ``last_failure`` of ``status:<source>``.
     """
@@ -250,13 +251,14 @@ class AlertForwarder:
         now_ms = datetime_to_ms(self.clock())
         ledger: Ledger | None = None
         kind: str | None = None
+        per_sensor = False
         valid: list[Alert] = []
         try:
             if not replay:
                 ledger = self._ledger(source, first_seen, now_ms)
             dhook = self.defender_hook(source)
-            kind = dhook.appliance
-            appliance = dhook.appliance_name
+            kind, per_sensor = dhook.kind, dhook.aggregates_sensors
+            appliance = dhook.name
             if replay:
                 records = dhook.get_alerts(from_time=since, to_time=until)
                 report.window = f"replay {since.isoformat()} .. {until.isoformat() if until else 'now'}"
@@ -277,7 +279,7 @@ class AlertForwarder:
         except (IntegrationError, AirflowNotFoundException) as exc:  # one bad source must not stop the others
             report.error = str(exc)
             report.credentials_rejected = isinstance(exc, (DefenderAuthError, ServiceNowAuthError))
-            self._finish(source, report, kind, ledger, [], now_ms, invalid=None)
+            self._finish(source, report, kind, ledger, [], now_ms, invalid=None, per_sensor=per_sensor)
             return report
 
         contexts: list[AlertContext] = []
@@ -316,7 +318,7 @@ class AlertForwarder:
                 for c in chunk:
                     ledger.settle(c.alert, pending[alert_key(c.alert)])
                 self.state.set(ledger_key(source), ledger.as_state())   # progress per confirmed chunk
-        self._finish(source, report, kind, ledger, valid, now_ms, invalid=invalid)
+        self._finish(source, report, kind, ledger, valid, now_ms, invalid=invalid, per_sensor=per_sensor)
         return report
 
     # ------------------------------------------------------------------ steps
@@ -352,7 +354,8 @@ class AlertForwarder:
         return ledger.keys_since_ms if ledger is not None and ledger.keys_since_ms is not None else now_ms
 
     def _finish(self, source: str, report: SourceReport, kind: str | None, ledger: Ledger | None,
-                valid: Sequence[Alert], now_ms: int, *, invalid: Sequence[InvalidRecord] | None) -> None:
+                valid: Sequence[Alert], now_ms: int, *, invalid: Sequence[InvalidRecord] | None,
+                per_sensor: bool = False) -> None:
         """Dead letters, pruning, forwarded_up_to and ``status:<source>`` (also after a failure)."""
         now_iso = ms_to_datetime(now_ms).isoformat()
         dead = self.state.get(dead_letter_key(source)) or {}
@@ -387,7 +390,7 @@ class AlertForwarder:
         self.state.set(status_key(source), status_record(
             at=now_iso, kind=kind, forwarded_up_to_ms=report.forwarded_up_to_ms, pending=report.pending,
             dead_letter=report.dead_letter, failure=failure, previous=previous,
-            sensors=sensors if kind == "management_console" else None))
+            sensors=sensors if per_sensor else None))
 
     def _devices(self, source: str, dhook, now_ms: int) -> dict[str, list]:
         """``{device id: [name, address, [protocols]]}`` of the source, for protocol rules: read from Defender

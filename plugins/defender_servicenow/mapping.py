@@ -200,13 +200,14 @@ def map_device(device, *, source_name: str, mapping: ClassMapping) -> dict:
 
     firmware = list(device.firmware or [])
     main = next((f for f in firmware if f.serial or f.model or f.firmware_version), None)
-    serial = clean_text(main.serial, 100) if main and main.serial else None
+    # Azure gives the device's own hardware model / serial; appliances only the firmware modules'
+    serial = clean_text(device.serial_number or (main.serial if main else None), 100)
     if serial and mapping.is_placeholder_serial(serial):
         serial = None
     values = {
         "name": name,
         "manufacturer": clean_text(device.vendor, 100),
-        "model_number": clean_text(main.model, 100) if main else None,
+        "model_number": clean_text(device.hardware_model or (main.model if main else None), 100),
         "serial_number": serial,
         "firmware_version": clean_text(main.firmware_version, 100) if main else None,
         "first_discovered": sn_datetime(device.first_seen),
@@ -247,6 +248,8 @@ def map_device(device, *, source_name: str, mapping: ClassMapping) -> dict:
         "site": clean_text(device.site_name, 255) or (str(device.site_id) if device.site_id is not None else None),
         "zone": clean_text(device.zone_name, 255) or (str(device.zone_id) if device.zone_id is not None else None),
         "purdue_layer": clean_text(device.purdue_level, 100),
+        "criticality": clean_text(device.criticality, 100),
+        "azure_resource_id": clean_text(device.resource_id, 255, keep_end=True),
         "protocols": clean_text(", ".join(device.protocols or [])),
         "operating_system": operating_system,
         "authorized": _bool(device.authorized),

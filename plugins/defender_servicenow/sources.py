@@ -24,6 +24,9 @@ class Source(Protocol):
 
     * ``kind``: ``sensor`` | ``management_console`` | ``azure`` (health data); ``name``: display name.
     * ``supports_deletions`` / ``supports_alert_state``: capabilities, so engines ask instead of comparing kinds.
+    * ``retires_missing``: a device missing from ``iter_devices`` for N syncs is retired (a sensor's or
+      Azure's inventory; a console reports its deletions instead).
+    * ``aggregates_sensors``: alerts come from several sensors (per-sensor progress in the health data).
     """
 
     source_id: str
@@ -31,6 +34,8 @@ class Source(Protocol):
     name: str
     supports_deletions: bool
     supports_alert_state: bool
+    retires_missing: bool
+    aggregates_sensors: bool
 
     def iter_devices(self) -> Iterator[Device | InvalidRecord]: ...
 
@@ -66,6 +71,11 @@ class ApplianceSource:
         return self.kind == "management_console"
 
     supports_alert_state = supports_deletions
+    aggregates_sensors = supports_deletions
+
+    @property
+    def retires_missing(self) -> bool:
+        return not self.supports_deletions
 
     def iter_devices(self) -> Iterator[Device | InvalidRecord]:
         return self.hook.iter_devices()
@@ -96,6 +106,8 @@ class AzureSource:
     kind = "azure"
     supports_deletions = True
     supports_alert_state = True
+    retires_missing = True    # Removed/Deleted at once; a resource gone from ARG after N syncs
+    aggregates_sensors = True
 
     def __init__(self, hook):
         self.hook = hook
@@ -127,8 +139,9 @@ class AzureSource:
         return self.hook.test_connection()
 
 
-def source_for(conn_id: str) -> Source:
-    """The source for a Defender connection id, by its ``conn_type``."""
+def source_for(conn_id: str, *, auth_guard=None) -> Source:
+    """The source for a Defender connection id, by its ``conn_type``. ``auth_guard``: a
+    ``hooks.lockout.AuthGuard`` (no login after rejected credentials), for either kind."""
     from airflow.sdk import BaseHook
 
     conn = BaseHook.get_connection(conn_id)
@@ -136,10 +149,10 @@ def source_for(conn_id: str) -> Source:
     if conn_type == "defender_iot":
         from defender_servicenow.hooks.defender import DefenderIoTHook
 
-        return ApplianceSource(DefenderIoTHook(conn_id))
+        return ApplianceSource(DefenderIoTHook(conn_id, auth_guard=auth_guard))
     if conn_type == "defender_iot_azure":
         from defender_servicenow.hooks.azure import DefenderIoTAzureHook
 
-        return AzureSource(DefenderIoTAzureHook(conn_id))
+        return AzureSource(DefenderIoTAzureHook(conn_id, auth_guard=auth_guard))
     raise ConfigError(f"Connection {conn_id!r} has type {conn_type or '(none)'!r}; a Defender source needs "
                       "type defender_iot (sensor / management console) or defender_iot_azure")

@@ -383,8 +383,8 @@ class DeviceSync:
     """Sync one Defender source into the CMDB. See the module docstring for the steps.
 
     :param source: the Defender connection id (prefix of every native key and state key).
-    :param defender: a ``DefenderIoTHook`` (or anything with ``appliance``, ``iter_devices`` and, for a
-        management console, ``deleted_device_ids``).
+    :param defender: a :class:`~defender_servicenow.sources.Source` (``kind``, ``iter_devices``,
+        ``deleted_device_ids`` (empty where unsupported) and ``retires_missing``).
     :param servicenow: a ``ServiceNowHook`` (``identify_reconcile``, ``update_record``).
     :param state_store: ``get``/``set`` key-value store owned by this source's task.
     :param batch_size: IRE items per request; ``parallel``: IRE requests in flight at once.
@@ -422,7 +422,7 @@ class DeviceSync:
         state = SourceState(self.store, self.source, self.shards, self.max_value_bytes)
         mode = "dry run" if self.dry_run else ("full resync" if self.full_resync else "changes only")
         log.info("Syncing %s (%s, %s) into ServiceNow: %d devices recorded from earlier syncs, batches of %d, "
-                 "%d in parallel", self.source, self.defender.appliance, mode, len(state), self.batch_size,
+                 "%d in parallel", self.source, self.defender.kind, mode, len(state), self.batch_size,
                  self.parallel)
         ok = False
         try:
@@ -434,7 +434,7 @@ class DeviceSync:
             if not self.dry_run:
                 written = state.save() + self._checkpoints
                 if ok:
-                    state.save_meta(last_success=started.isoformat(), kind=self.defender.appliance,
+                    state.save_meta(last_success=started.isoformat(), kind=self.defender.kind,
                                     last_outcome="ok", missing_counted_for=self.run_id,
                                     counts={k: getattr(summary, k) for k in SyncSummary.COUNTS})
                 log.info("Recorded the state of %s: %d devices known, %d state shards written", self.source,
@@ -631,15 +631,16 @@ class DeviceSync:
     def _retire(self, state: SourceState, summary: SyncSummary, present: set[str]) -> None:
         """Retire CIs of devices deleted on the source (only called after a complete, fully sent run)."""
         counted = {}   # device id -> its new missing counter, applied once every retirement went through
-        if self.defender.appliance == "management_console":
-            candidates = self._deleted_on_console(state, present)
+        candidates = self._deleted_on_source(state, present)   # empty where the source reports no deletions
+        if not self.defender.retires_missing:
+            pass   # the source reports its deletions; a device missing from its inventory is not counted
         elif self.run_id is not None and state.meta.get("missing_counted_for") == self.run_id:
-            candidates = []   # a retry of a run that already counted the missing devices: count once per run
+            # a retry of a run that already counted the missing devices: count once per run
             log.info("Missing devices of %s were already counted in this run (%s)", self.source, self.run_id)
         else:
-            candidates = []
+            deleted = set(candidates)
             for device_id, entry in state.items():
-                if device_id in present or entry[_RETIRED]:
+                if device_id in present or entry[_RETIRED] or device_id in deleted:
                     continue
                 missing = entry[_MISSING] + 1
                 if missing >= self.retire_after:
@@ -726,7 +727,7 @@ class DeviceSync:
                          "reported by %s: the CI stays; this source's claim on it is released", device_id,
                          self.source, entry[_CLASS], entry[_SYS_ID], ", ".join(others[:5]))
 
-    def _deleted_on_console(self, state: SourceState, present: set[str]) -> list[str]:
+    def _deleted_on_source(self, state: SourceState, present: set[str]) -> list[str]:
         last = self.meta_last_success(state)
         if last is None:
             return []   # first sync: nothing recorded yet that could be retired

@@ -39,6 +39,7 @@ from defender_servicenow.exceptions import (
     DefenderBadResponseError,
     DefenderCertificateError,
     DefenderError,
+    DefenderForbiddenError,
     DefenderUnreachableError,
 )
 from defender_servicenow.hooks import _http
@@ -56,7 +57,7 @@ _SECRET_HELP = ("create a new client secret for the app registration in Entra ID
                 "Certificates & secrets) and put its value in the connection's password field")
 
 
-class DefenderAzureForbiddenError(DefenderError):
+class DefenderAzureForbiddenError(DefenderForbiddenError):
     """403 from ARM: the app lacks a role (Security Admin to change alerts, Reader to read)."""
 
 
@@ -155,6 +156,42 @@ def parse_azure_connection(conn_id: str, login: str | None, password: str | None
     )
 
 
+def token_form(s: AzureSettings) -> dict:
+    """The client-credentials grant's form (hook and trigger)."""
+    return {"grant_type": "client_credentials", "client_id": s.client_id, "client_secret": s.client_secret,
+            "scope": s.scope}
+
+
+def read_token_answer(s: AzureSettings, response: Any) -> tuple[str, float]:
+    """The token endpoint's answer (a requests or httpx response) -> (access token, lifetime s), the token
+    masked; a 400/401 with an ``error`` body is a rejected credential (:class:`DefenderAuthError`), anything
+    else without a token a :class:`DefenderBadResponseError`."""
+    status = response.status_code
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if status in (400, 401) and isinstance(body, dict) and body.get("error"):
+        codes = body.get("error_codes") or []
+        raise DefenderAuthError(
+            f"Entra ID rejected the credentials of connection {s.conn_id!r} (HTTP {status}, "
+            f"{body.get('error')}{', AADSTS' + str(codes[0]) if codes else ''}); no further login is tried "
+            f"by this run. Check the tenant id and client id, or {_SECRET_HELP}.", status=status)
+    token, lifetime = (body.get("access_token"), body.get("expires_in")) if isinstance(body, dict) else (None, None)
+    if status != 200 or not isinstance(token, str):
+        raise DefenderBadResponseError(f"The token endpoint {s.token_url} answered HTTP {status} without an "
+                                       "access token", status=status)
+    from airflow.sdk.log import mask_secret
+
+    mask_secret(token)
+    return token, float(lifetime or 3600)
+
+
+def token_expiry(lifetime: float) -> float:
+    """Monotonic time from which a token of this lifetime is renewed (a tenth of it, at most 5 min, early)."""
+    return time.monotonic() + lifetime - min(300.0, lifetime / 10)
+
+
 def _kql_list(values: tuple[str, ...]) -> str:
     return ", ".join("'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'" for v in values)
 
@@ -200,6 +237,7 @@ class DefenderIoTAzureHook(BaseHook):
     :param defender_conn_id: a ``defender_iot_azure`` connection (see :func:`parse_azure_connection`).
     :param page_size: ARG ``$top`` (1-1000).
     :param max_retry_time: seconds one request may spend waiting for quota / retries.
+    :param auth_guard: a ``hooks.lockout.AuthGuard``: no token request after Entra ID rejected these settings.
     """
 
     conn_name_attr = "defender_conn_id"
@@ -209,13 +247,16 @@ class DefenderIoTAzureHook(BaseHook):
     kind = "azure"
 
     def __init__(self, defender_conn_id: str = default_conn_name, *, page_size: int = PAGE_SIZE,
-                 retries: int = 5, max_retry_time: float = 120.0, api_version: str = ARG_API_VERSION) -> None:
+                 retries: int = 5, max_retry_time: float = 120.0, api_version: str = ARG_API_VERSION,
+                 auth_guard: Any = None) -> None:
         super().__init__()
         if not 1 <= page_size <= 1000:
             raise ValueError("page_size must be 1..1000 (ARG $top)")
         self.defender_conn_id = defender_conn_id
         self.page_size, self.retries, self.max_retry_time = page_size, retries, max_retry_time
         self.api_version = api_version
+        self.auth_guard = auth_guard
+        self._guard_checked = False
         self._token: tuple[str, float] | None = None
         self._rejected: str | None = None
         self._quota_wait_until = 0.0
@@ -270,30 +311,24 @@ class DefenderIoTAzureHook(BaseHook):
         if self._token and time.monotonic() < self._token[1]:
             return self._token[0]
         s = self.settings
+        material = f"{s.authority}|{s.tenant_id}|{s.client_id}|{s.client_secret}"
+        if self.auth_guard is not None and not self._guard_checked:
+            self._guard_checked = True
+            suspended = self.auth_guard.check(material)
+            if suspended:
+                self._rejected = suspended
+                raise DefenderAuthError(suspended, status=401)
         self.token_count += 1
-        response = self._send("POST", s.token_url, data={
-            "grant_type": "client_credentials", "client_id": s.client_id, "client_secret": s.client_secret,
-            "scope": s.scope})
         try:
-            body = response.json()
-        except ValueError:
-            body = {}
-        if response.status_code in (400, 401) and isinstance(body, dict) and body.get("error"):
-            codes = body.get("error_codes") or []
-            self._rejected = (
-                f"Entra ID rejected the credentials of connection {s.conn_id!r} (HTTP {response.status_code}, "
-                f"{body.get('error')}{', AADSTS' + str(codes[0]) if codes else ''}); no further login is tried "
-                f"by this run. Check the tenant id and client id, or {_SECRET_HELP}.")
-            raise DefenderAuthError(self._rejected, status=response.status_code)
-        token, lifetime = (body.get("access_token"), body.get("expires_in")) if isinstance(body, dict) else (None, None)
-        if response.status_code != 200 or not isinstance(token, str):
-            raise DefenderBadResponseError(f"The token endpoint {s.token_url} answered HTTP {response.status_code} "
-                                           "without an access token", status=response.status_code)
-        from airflow.sdk.log import mask_secret
-
-        mask_secret(token)
-        lifetime = float(lifetime or 3600)
-        self._token = (token, time.monotonic() + lifetime - min(300.0, lifetime / 10))
+            token, lifetime = read_token_answer(s, self._send("POST", s.token_url, data=token_form(s)))
+        except DefenderAuthError as exc:
+            self._rejected = str(exc)
+            if self.auth_guard is not None:
+                self.auth_guard.rejected(material, self._rejected)
+            raise
+        if self.auth_guard is not None:
+            self.auth_guard.accepted()
+        self._token = (token, token_expiry(lifetime))
         return token
 
     def _arm(self, method: str, url: str, **kw) -> requests.Response:

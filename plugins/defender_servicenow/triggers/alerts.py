@@ -1,7 +1,8 @@
 """DefenderAlertTrigger: the AssetWatcher trigger that wakes ``defender_alert_forwarding`` on new alerts.
 
 Run by the triggerer (it must live in this installed package). Every ``poll_interval`` seconds it asks each
-source for the alerts raised since its ``seen:<conn id>`` watermark (v2 alerts API, ``fromTime``), and when
+source for the alerts raised since its ``seen:<conn id>`` watermark (appliances: v2 alerts API, ``fromTime``;
+Azure: one Resource Graph query within the quota; see triggers/pollers.py), and when
 any source has new ones it stores the new watermarks and yields one event, then returns (the triggerer
 starts a fresh instance ~2 s later, which resumes from the stored watermarks).
 
@@ -25,7 +26,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import httpx
-from airflow.sdk.log import mask_secret
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
 from defender_servicenow.exceptions import ConfigError
@@ -76,7 +76,7 @@ def advance(watermark: dict, found: list[tuple[int, int]]) -> dict:
 class DefenderAlertTrigger(BaseEventTrigger):
     """Poll Defender for IoT appliances for new alerts; yield one event when there are any.
 
-    :param sources: Defender connection ids (conn type ``defender_iot``).
+    :param sources: Defender connection ids (conn type ``defender_iot`` or ``defender_iot_azure``).
     :param poll_interval: seconds between polls (``DEFENDER_ALERT_POLL_SECONDS``, default 15).
     :param rule_names: the forwarding rules' names, whose first-seen time this trigger records.
     :param lookback_minutes: how far behind the watermark to look for alerts delivered late
@@ -95,24 +95,6 @@ class DefenderAlertTrigger(BaseEventTrigger):
         return CLASSPATH, {"sources": self.sources, "poll_interval": self.poll_interval,
                            "rule_names": self.rule_names, "lookback_minutes": self.lookback_minutes}
 
-    # ------------------------------------------------------------------ connection
-
-    async def _client(self, conn_id: str) -> tuple[httpx.AsyncClient, str]:
-        """An async client for one source (token header set, never logged) and its alerts path."""
-        from airflow.sdk import BaseHook
-
-        from defender_servicenow.hooks.connections import MANAGEMENT_CONSOLE, parse_defender_connection
-
-        conn = await BaseHook.aget_connection(conn_id)
-        settings = parse_defender_connection(conn, conn_id)   # the hook's own parser: same reading
-        mask_secret(settings.token)
-        path = "/external/v2/alerts" if settings.appliance == MANAGEMENT_CONSOLE else "/api/v2/alerts"
-        client = httpx.AsyncClient(base_url=settings.base_url, headers={"Authorization": settings.token,
-                                                                        "Accept": "application/json"},
-                                   verify=settings.verify, proxy=settings.proxy, timeout=settings.timeout,
-                                   follow_redirects=False)
-        return client, path
-
     # ------------------------------------------------------------------ run
 
     async def _record_rules(self, store) -> None:
@@ -124,15 +106,12 @@ class DefenderAlertTrigger(BaseEventTrigger):
                 self.log.info("Forwarding rule %r first seen at %s: it applies to alerts raised from now on", name, now)
 
     async def _poll(self, conn_id: str, clients: dict, watermark: dict) -> list[tuple[int, int]]:
+        """One poll of one source through its poller (triggers/pollers.py: appliance or Azure)."""
+        from defender_servicenow.triggers.pollers import poller_for
+
         if conn_id not in clients:
-            clients[conn_id] = await self._client(conn_id)
-        client, path = clients[conn_id]
-        since = int(watermark["time_ms"]) - int(self.lookback_minutes * 60_000)
-        response = await client.get(path, params={"fromTime": since})
-        if response.status_code != 200:
-            raise httpx.HTTPStatusError(f"HTTP {response.status_code}", request=response.request,
-                                        response=response)
-        return new_alerts(response.json(), watermark)
+            clients[conn_id] = await poller_for(conn_id, int(self.lookback_minutes * 60_000))
+        return await clients[conn_id].poll(watermark)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         store = self.asset_state_store  # injected by the triggerer; None in __init__ / serialize / tests
@@ -149,7 +128,7 @@ class DefenderAlertTrigger(BaseEventTrigger):
                     await store.aset(watch_start_key(conn_id), wm["time_ms"])
                 self.log.info("%s: no alert watermark yet; watching alerts raised from now on", conn_id)
             watermarks[conn_id] = dict(wm)  # our copy: new_alerts() may note max_id in it
-        clients: dict[str, tuple[httpx.AsyncClient, str]] = {}
+        clients: dict[str, Any] = {}   # conn id -> its poller
         failures = dict.fromkeys(self.sources, 0)
         next_poll = dict.fromkeys(self.sources, 0.0)
         loop = asyncio.get_running_loop()
@@ -164,22 +143,24 @@ class DefenderAlertTrigger(BaseEventTrigger):
                     except Exception as exc:  # noqa: BLE001 - transient by design: log, back off, keep polling
                         failures[conn_id] += 1
                         delay = min(self.poll_interval * 2 ** failures[conn_id], MAX_BACKOFF_SECONDS)
+                        delay = max(delay, getattr(clients.get(conn_id), "wait_s", 0.0))   # a spent quota
                         next_poll[conn_id] = loop.time() + delay
                         self.log.warning("%s: polling alerts failed (%s); attempt %d, next try in %.0f s", conn_id,
                                     _describe(exc), failures[conn_id], delay)
                         old = clients.pop(conn_id, None)
                         if old:
-                            await old[0].aclose()
+                            await old.aclose()
                         continue
                     if failures[conn_id]:
                         self.log.info("%s: polling alerts works again after %d failures", conn_id, failures[conn_id])
-                    failures[conn_id], next_poll[conn_id] = 0, 0.0
+                    wait = clients[conn_id].wait_s   # Azure: the quota is spent until it resets
+                    failures[conn_id], next_poll[conn_id] = 0, (loop.time() + wait if wait else 0.0)
                     if new:
                         found[conn_id] = new
                 if found:
                     payload = {}
                     for conn_id, new in found.items():
-                        watermarks[conn_id] = advance(watermarks[conn_id], new)
+                        watermarks[conn_id] = clients[conn_id].advance(watermarks[conn_id], new)
                         await store.aset(seen_key(conn_id), watermarks[conn_id])
                         payload[conn_id] = {"new_alerts": len(new), "newest_time_ms": new[-1][0]}
                     self.log.info("New alerts: %s", ", ".join(f"{c}: {p['new_alerts']}" for c, p in payload.items()))
@@ -187,8 +168,8 @@ class DefenderAlertTrigger(BaseEventTrigger):
                     return
                 await asyncio.sleep(self.poll_interval)
         finally:
-            for client, _ in clients.values():
-                await client.aclose()
+            for poller in clients.values():
+                await poller.aclose()
 
 
 def _describe(exc: Exception) -> str:
