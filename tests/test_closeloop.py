@@ -138,7 +138,7 @@ def test_the_first_scan_looks_back_the_reconcile_window_only(forwarded):
         sn.sim.get(old["sys_id"])["sys_updated_on"] = (datetime.now(timezone.utc) - timedelta(days=3)).strftime(
             "%Y-%m-%d %H:%M:%S")
         sn.sim.version += 1
-    (report,) = handle_closed_alerts(rules, state, [CONN], action="handle", defender_hook=DefenderIoTHook,
+    (report,) = handle_closed_alerts(rules, state, [CONN], action="handle", defender_hook=source_for,
                                      servicenow_hook=ServiceNowHook, window_hours=24)
     assert (report.closed, report.handled) == (1, 1)
     assert [d.sim.alert_by_uuid(a["uuid"])["state"] for a in alerts] == ["unhandled", "handled", "unhandled"]
@@ -156,7 +156,7 @@ def test_incidents_under_the_previous_key_are_handled_with_a_bounded_listing(for
         "correlation_id": f"defender-iot:{CONN}:{alerts[2]['id']}"})
     close(legacy)
     (report,), seen = listing_times(lambda: handle_closed_alerts(
-        rules, state, [CONN], action="handle", defender_hook=DefenderIoTHook, servicenow_hook=ServiceNowHook,
+        rules, state, [CONN], action="handle", defender_hook=source_for, servicenow_hook=ServiceNowHook,
         window_hours=24))
     assert (report.handled, report.already) == (1, 0)
     assert d.sim.alert_by_uuid(alerts[2]["uuid"])["state"] == "handled"

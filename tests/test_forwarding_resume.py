@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from defender_servicenow import forwarding as fwd
 from defender_servicenow.hooks import _http
-from defender_servicenow.hooks.defender import DefenderIoTHook
+from defender_servicenow.sources import source_for
 from defender_servicenow.hooks.servicenow import ServiceNowHook
 
 from tests.test_forwarding import PLC_TITLE, SRC, DictState, baseline, cid, pending, routes, rules_with
@@ -47,7 +47,7 @@ def engine(rules, state, *, kill_at_batch: int | None = None, killed_after_send:
             hook.batch = batch
         return hook
 
-    return fwd.AlertForwarder(rules, state, defender_hook=DefenderIoTHook, servicenow_hook=sn)
+    return fwd.AlertForwarder(rules, state, defender_hook=source_for, servicenow_hook=sn)
 
 
 @pytest.mark.parametrize("fault", ["servicenow_503", "worker_killed", "killed_after_send"])
