@@ -39,6 +39,7 @@ SN_COOLDOWN = settings.servicenow_auth_cooldown_minutes()
 DEFENDER_COOLDOWN = settings.defender_auth_cooldown_minutes()
 AIRFLOW_API_CONN_ID = settings.airflow_api_conn_id()   # optional: write the summary as the run's note
 IRE_BATCH_SIZE = 100      # items per IRE request
+IRE_RENAME_BATCH_SIZE = 1000   # rename items (name + source key, a few hundred bytes) per IRE request
 IRE_PARALLEL = 4          # IRE requests in flight per source
 
 # Change-detection state (asset state store; keys "<source>/..." are written only by that source's task).
@@ -156,7 +157,7 @@ def defender_device_sync():
                 source=source, defender=defender, servicenow=servicenow,
                 state_store=store, mapping=load_class_mapping(),
                 source_name=settings.source_name(), data_source=settings.data_source(),
-                batch_size=IRE_BATCH_SIZE, parallel=IRE_PARALLEL, full_resync=bool(params["full_resync"]),
+                batch_size=IRE_BATCH_SIZE, rename_batch_size=IRE_RENAME_BATCH_SIZE, parallel=IRE_PARALLEL, full_resync=bool(params["full_resync"]),
                 dry_run=bool(params["dry_run"]), retire_after_missing_runs=RETIRE_AFTER_MISSING_RUNS,
                 run_id=context["ti"].run_id, match_by_name=MATCH_BY_NAME, max_value_bytes=max_value_bytes(),
             ).run()

@@ -44,6 +44,7 @@ from defender_servicenow.exceptions import (
     ServiceNowForbiddenError,
     ServiceNowInvalidTableError,
 )
+from defender_servicenow.hooks.servicenow import BatchRequest
 from defender_servicenow.hooks.servicenow import sys_id_of as _ref
 from defender_servicenow.mapping import (
     ClassMapping,
@@ -253,13 +254,36 @@ class ManufacturerResolver:
             found: dict[str, str] = {}
             for row in self.servicenow.query("core_company", query, fields=["sys_id", "name"]):
                 found.setdefault(str(row.get("name", "")).lower(), row["sys_id"])
+            absent = [n for n in part if n.lower() not in found]
+            if absent and self.create:   # one Batch API call creates the chunk's missing companies
+                found.update((n.lower(), sys_id) for n, sys_id in self._create(absent).items())
             for name in part:
-                sys_id = found.get(name.lower())
-                if sys_id is None and self.create:
-                    sys_id = self.servicenow.create_record("core_company", {"name": name, "manufacturer": "true"})["sys_id"]
-                    self.created += 1
-                    log.info("Created the manufacturer %r in core_company (%s)", name, sys_id)
-                self.cache[name] = sys_id
+                self.cache[name] = found.get(name.lower())
+
+    def _create(self, names: list[str]) -> dict[str, str]:
+        """Create ``names`` in ``core_company`` (``manufacturer=true``) through the Batch API; name -> sys_id.
+        A refused create (403 ACL, 400 invalid table) makes the table unavailable for the run; any other
+        failed item fails the sync, naming the company and what ServiceNow answered."""
+        answers = self.servicenow.batch([
+            BatchRequest(id=str(i), method="POST", url="/api/now/table/core_company?sysparm_fields=sys_id,name",
+                         body={"name": name, "manufacturer": "true"}) for i, name in enumerate(names)])
+        out = {}
+        for name, answer in zip(names, answers, strict=True):
+            sys_id = ((answer.body or {}).get("result") or {}).get("sys_id") if answer.ok else None
+            if sys_id:
+                out[name] = sys_id
+                self.created += 1
+                log.info("Created the manufacturer %r in core_company (%s)", name, sys_id)
+                continue
+            message = (f"Creating the manufacturer {name!r} in core_company failed: HTTP {answer.status_code}: "
+                       f"{answer.error_message}")
+            if answer.status_code == 403:
+                raise ServiceNowForbiddenError(message, status=403, answer=answer.error_message)
+            if answer.status_code == 400 and "Invalid table" in str(answer.error_message):
+                raise ServiceNowInvalidTableError(message, status=400, answer=answer.error_message)
+            raise ServiceNowError(message + ". Run the sync again; if it persists, create the company by hand",
+                                  status=answer.status_code, answer=answer.error_message)
+        return out
 
     def _parts(self, names: list[str], max_chars: int = 3000) -> Iterable[list[str]]:
         """Chunks of at most ``chunk`` names whose encoded query stays short (URL limits: 414)."""
@@ -342,7 +366,7 @@ class _Pending:
     device_id: str
     digest: str
     class_name: str
-    follow_up: dict | None = None    # first contact: the full item, sent once the CI is identified
+    follow_up: dict | None = None    # first contact: the rename item, sent once the CI is identified
     is_follow_up: bool = False
     item: dict | None = None         # what was sent (to resend it without entries the instance refuses)
 
@@ -379,6 +403,14 @@ def first_contact_item(item: dict, *, match_by_name: bool = False) -> dict | Non
     return {**item, "values": {**values, "name": identifier}}
 
 
+def rename_item(item: dict, class_name: str | None = None) -> dict:
+    """The follow-up of a first contact: only the real name, matched to the CI through ``sys_object_source``
+    (the first contact already wrote every other value, lookup and related entry). A few hundred bytes, so
+    these go in larger batches (``DeviceSync(rename_batch_size=)``)."""
+    return {"className": class_name or item["className"], "values": {"name": item["values"]["name"]},
+            "sys_object_source_info": dict(item["sys_object_source_info"])}
+
+
 class DeviceSync:
     """Sync one Defender source into the CMDB. See the module docstring for the steps.
 
@@ -388,6 +420,7 @@ class DeviceSync:
     :param servicenow: a ``ServiceNowHook`` (``identify_reconcile``, ``update_record``).
     :param state_store: ``get``/``set`` key-value store owned by this source's task.
     :param batch_size: IRE items per request; ``parallel``: IRE requests in flight at once.
+    :param rename_batch_size: rename items (:func:`rename_item`) per IRE request.
     """
 
     def __init__(self, *, source: str, defender, servicenow, state_store: StateStore, mapping: ClassMapping,
@@ -396,13 +429,14 @@ class DeviceSync:
                  shards: int = DEFAULT_SHARDS, last_seen_resolution_hours: int = 24,
                  clock: Callable[[], datetime] | None = None, run_id: str | None = None,
                  checkpoint_batches: int = 10, match_by_name: bool = False,
-                 max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES):
-        if batch_size < 1 or parallel < 1 or retire_after_missing_runs < 1:
-            raise ValueError("batch_size, parallel and retire_after_missing_runs must be at least 1")
+                 max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES, rename_batch_size: int = 1000):
+        if min(batch_size, parallel, retire_after_missing_runs, rename_batch_size) < 1:
+            raise ValueError("batch_size, rename_batch_size, parallel and retire_after_missing_runs must be at "
+                             "least 1")
         self.source, self.defender, self.servicenow = source, defender, servicenow
         self.store, self.mapping = state_store, mapping
         self.source_name, self.data_source = source_name, data_source
-        self.batch_size, self.parallel = batch_size, parallel
+        self.batch_size, self.parallel, self.rename_batch_size = batch_size, parallel, rename_batch_size
         self.full_resync, self.dry_run = full_resync, dry_run
         self.retire_after = retire_after_missing_runs
         self.shards, self.resolution = shards, last_seen_resolution_hours
@@ -449,16 +483,21 @@ class DeviceSync:
     # ------------------------------------------------------------------ send
 
     def _send_inventory(self, state: SourceState, summary: SyncSummary) -> set[str]:
-        """Stream, map, diff and send; return the ids present in the (complete) inventory."""
+        """Stream, map, diff and send; return the ids present in the (complete) inventory.
+
+        Two queues: full items (``batch_size`` per IRE request) and the renames that follow first contacts
+        (``rename_batch_size`` per request; sent once full, or at the end when nothing else is left)."""
         present: set[str] = set()
         self._batch: list[tuple[dict, _Pending]] = []
+        self._renames: list[tuple[dict, _Pending]] = []
         in_flight: deque[tuple[Future, list[_Pending]]] = deque()
         failure: BaseException | None = None
         pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix=f"ire-{self.source}")
         manufacturers = ManufacturerResolver(self.servicenow, create=not self.dry_run)
 
-        def submit() -> None:
-            batch, self._batch = self._batch, []
+        def submit(queue: str) -> None:
+            batch = getattr(self, queue)
+            setattr(self, queue, [])
             items, pending = [b[0] for b in batch], [b[1] for b in batch]
             items = manufacturers.apply(items)
             summary.would_send += len(items) if self.dry_run else 0
@@ -468,6 +507,11 @@ class DeviceSync:
                               pending))
             while len(in_flight) >= self.parallel * 2:   # bounded memory: wait for the oldest
                 self._collect(*in_flight.popleft(), state, summary)
+                full_renames()
+
+        def full_renames() -> None:
+            if len(self._renames) >= self.rename_batch_size:
+                submit("_renames")
 
         try:
             for record in self.defender.iter_devices():
@@ -475,12 +519,16 @@ class DeviceSync:
                 if item is not None:
                     self._batch.append((item, pending))
                 if len(self._batch) >= self.batch_size:
-                    submit()
-            while self._batch or in_flight:   # the rest, and the follow-ups of first contacts
+                    submit("_batch")
+                full_renames()
+            while self._batch or self._renames or in_flight:   # the rest, and the renames of first contacts
                 if self._batch:
-                    submit()
-                else:
+                    submit("_batch")
+                elif in_flight:
                     self._collect(*in_flight.popleft(), state, summary)
+                    full_renames()
+                else:
+                    submit("_renames")
         except BaseException as exc:   # stop sending, but record what ServiceNow already confirmed
             failure = exc
             for future, _ in in_flight:
@@ -495,7 +543,7 @@ class DeviceSync:
                 except BaseException as exc:
                     failure = failure or exc
             pool.shutdown(wait=True)
-            self._batch = []
+            self._batch, self._renames = [], []
         if failure is not None:
             raise failure
         return present
@@ -543,8 +591,8 @@ class DeviceSync:
         pending = _Pending(device_id, digest, item["className"], item=item)
         if not (entry and entry[_SYS_ID]):
             first = first_contact_item(item, match_by_name=self.match_by_name)
-            if first is not None:   # identify by serial/MAC first; the full item follows once it is known
-                pending.follow_up, pending.item = item, first
+            if first is not None:   # identify by serial/MAC first; the real name follows once it is known
+                pending.follow_up, pending.item = rename_item(item), first
                 return first, pending
         return item, pending
 
@@ -568,8 +616,8 @@ class DeviceSync:
                         "without their %s entries from now on. To keep them, add the rule to the class's "
                         "identification rule (CI Class Manager > %s > Identification rule).", part, table,
                         p.item["className"], code, table, p.item["className"])
-        retry = _Pending(p.device_id, p.digest, p.class_name, p.follow_up and without_entries(p.follow_up, part,
-                         table), p.is_follow_up, without_entries(p.item, part, table))
+        retry = _Pending(p.device_id, p.digest, p.class_name, p.follow_up, p.is_follow_up,
+                         without_entries(p.item, part, table))
         self._batch.append((retry.item, retry))
         return True
 
@@ -616,7 +664,9 @@ class DeviceSync:
             state.put(p.device_id, ["" if p.follow_up else p.digest, sys_id,
                                     item.get("className") or p.class_name, 0, 0])
             if p.follow_up:
-                self._batch.append((p.follow_up, _Pending(p.device_id, p.digest, p.class_name, is_follow_up=True)))
+                rename = rename_item(p.follow_up, item.get("className"))
+                self._renames.append((rename, _Pending(p.device_id, p.digest, rename["className"], is_follow_up=True,
+                                                       item=rename)))
         self._collected += 1
         if not self.dry_run and self._collected % self.checkpoint_batches == 0:
             self._checkpoints += state.save()
