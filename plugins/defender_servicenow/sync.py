@@ -385,8 +385,9 @@ def without_entries(item: dict, part: str, table: str) -> dict:
 def first_contact_item(item: dict, *, match_by_name: bool = False) -> dict | None:
     """The item to send for a device ServiceNow has not confirmed yet.
 
-    The IRE falls back to ``name`` when the serial/MAC lookups find nothing, and Defender names are often
-    an IP or a label shared by devices at other sites: a name match would merge two devices. So the first
+    ServiceNow's Hardware Rule tries the serial, then ``name``, and only then the MAC (with the adapter's
+    name), and Defender names are often an IP or a label shared by devices at other sites: a name match
+    would merge two devices. So the first
     contact carries the MAC (else the serial) as the name -- ServiceNow's own advice for CIs known by MAC --
     and the real name follows in a second item, matched through ``sys_object_source``. A device with no
     serial or MAC of its own gets its source key (``<conn id>:<device id>``) as first name, so it gets a CI
