@@ -135,7 +135,7 @@ def defender_device_sync():
         from defender_servicenow.hooks.lockout import AuthGuard
         from defender_servicenow.hooks.servicenow import ServiceNowHook
         from defender_servicenow.mapping import load_class_mapping
-        from defender_servicenow.sync import DeviceSync, max_value_bytes, record_failure
+        from defender_servicenow.sync import DeviceSync, item_failures, max_value_bytes, record_failure
 
         context = get_current_context()
         context["defender_source"] = source   # the mapped task's label in the UI
@@ -175,6 +175,10 @@ def defender_device_sync():
         except Exception as exc:
             failed(f"Sync of {source} failed: {type(exc).__name__}", _kind(defender))
             raise
+        refused = item_failures(summary)
+        if refused:   # the sync went through, but a run in which anything failed ends failed
+            log.error(refused)
+            raise AirflowFailException(failed(refused, _kind(defender)))
         counts = {name: getattr(summary, name) for name in summary.COUNTS}
         result = {"source": source, **counts, "duration_s": round(summary.duration, 1), "dry_run": summary.dry_run,
                   "errors": summary.errors}

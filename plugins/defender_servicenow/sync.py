@@ -204,6 +204,22 @@ def record_failure(store: StateStore, source: str, failure: dict, *, kind: str |
     store.set(f"{source}/meta", meta)
 
 
+def item_failures(summary: SyncSummary) -> str | None:
+    """Why a sync whose IRE refused some devices counts as failed (None when none were refused).
+
+    The run completes first (every confirmed device recorded, retirement done); the refused devices are not
+    recorded, so the next run sends them again. A retry of the task would only repeat the same answers."""
+    if not summary.failed:
+        return None
+    codes = ", ".join(f"{code} {count}" for code, count in sorted(summary.errors.items()))
+    examples = "; ".join(f"{code}: device ids {', '.join(ids[:5])}" for code, ids in sorted(summary.examples.items()))
+    verb = "would refuse" if summary.dry_run else "refused"
+    return (f"ServiceNow {verb} {summary.failed} device(s) of {summary.source} ({codes}; e.g. {examples}). "
+            "The other devices are synced; these are sent again next run. The task log lists each device with "
+            "ServiceNow's message: fix the CMDB (e.g. merge the duplicate CIs behind a MULTI_MATCH) or the "
+            "device on the source")
+
+
 def run_failures(store: StateStore | None, sources: Iterable[str], run_id: str | None) -> dict[str, str]:
     """source -> why its sync failed in run ``run_id`` (from ``<source>/meta``; a plain reason if unrecorded)."""
     out = {}
