@@ -10,6 +10,8 @@ request and 2 ms server time per IRE item, then in one run:
 
     .venv/bin/python benchmarks/device_sync.py [--devices 10000] [--baseline-devices 1000]
     .venv/bin/python benchmarks/device_sync.py --devices 100000 --baseline-devices 0   # peak memory
+
+Each engine run also prints its ServiceNow requests by route (Batch API items listed as ``batch ...``).
 """
 
 from __future__ import annotations
