@@ -135,7 +135,8 @@ def defender_device_sync():
         from defender_servicenow.hooks.lockout import AuthGuard
         from defender_servicenow.hooks.servicenow import ServiceNowHook
         from defender_servicenow.mapping import load_class_mapping
-        from defender_servicenow.sync import DeviceSync, item_failures, max_value_bytes, record_failure
+        from defender_servicenow.sync import DeviceSync, item_failures, record_failure
+        from defender_servicenow.sync_state import max_value_bytes
 
         context = get_current_context()
         context["defender_source"] = source   # the mapped task's label in the UI

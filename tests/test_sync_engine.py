@@ -677,7 +677,7 @@ def test_state_shards_fit_the_store_limit_at_200k_devices_per_source():
     import json
 
     from airflow.configuration import conf
-    from defender_servicenow.sync import max_value_bytes
+    from defender_servicenow.sync_state import max_value_bytes
 
     limit = max_value_bytes()
     assert limit == conf.getint("state_store", "max_value_storage_bytes") > 0
