@@ -10,6 +10,8 @@ request and 2 ms server time per IRE item, then in one run:
 
     .venv/bin/python benchmarks/device_sync.py [--devices 10000] [--baseline-devices 1000]
     .venv/bin/python benchmarks/device_sync.py --devices 100000 --baseline-devices 0   # peak memory
+
+Each engine run also prints its ServiceNow requests by route (Batch API items listed as ``batch ...``).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def arguments(devices: int, baseline_devices: int) -> argparse.ArgumentParser:
     parser.add_argument("--latency-ms", type=int, default=20)
     parser.add_argument("--ire-item-ms", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--rename-batch-size", type=int, default=1000)
     parser.add_argument("--parallel", type=int, default=4)
     return parser
 
@@ -99,7 +102,7 @@ def run_sync(label, source, sn_url, state, mapping, *, devices):
     summary = DeviceSync(source=source, defender=source_for(source), servicenow=ServiceNowHook("servicenow_default"),
                          state_store=state, mapping=mapping, source_name=settings.source_name(),
                          data_source=settings.data_source(), batch_size=ARGS.batch_size,
-                         parallel=ARGS.parallel).run()
+                         rename_batch_size=ARGS.rename_batch_size, parallel=ARGS.parallel).run()
     wall = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -110,6 +113,9 @@ def run_sync(label, source, sn_url, state, mapping, *, devices):
     print(f"{label:<34} {total:>9,} {total / devices:>9.3f} {wall:>9.1f} {devices / wall:>10,.0f} "
           f"{peak / 2**20:>9.1f}   inserted={summary.inserted} updated={summary.updated} "
           f"unchanged={summary.unchanged} failed={summary.failed} skipped={summary.skipped} writes={writes}")
+    routes = {k: v - routes_before.get(k, 0) for k, v in routes_after.items() if v - routes_before.get(k, 0)}
+    if routes:
+        print(f"{'':<34} requests by route: " + ", ".join(f"{k} {v}" for k, v in sorted(routes.items())))
     return total, wall
 
 
@@ -173,7 +179,8 @@ def main() -> None:
 
         n = ARGS.devices
         print(f"Device sync benchmark: {n:,} devices, ServiceNow latency {ARGS.latency_ms} ms/request, "
-              f"IRE {ARGS.ire_item_ms} ms/item; engine batch {ARGS.batch_size}, {ARGS.parallel} batches in parallel")
+              f"IRE {ARGS.ire_item_ms} ms/item; engine batch {ARGS.batch_size} (renames {ARGS.rename_batch_size}), "
+              f"{ARGS.parallel} batches in parallel")
         print(f"{'run':<34} {'SN reqs':>9} {'req/dev':>9} {'wall s':>9} {'dev/s':>10} {'peak MiB':>9}")
         state, mapping = MemoryStateStore(), load_class_mapping()
         first_reqs, first_wall = run_sync("engine: first sync", "defender_bench", sn_url, state, mapping, devices=n)

@@ -39,6 +39,7 @@ SN_COOLDOWN = settings.servicenow_auth_cooldown_minutes()
 DEFENDER_COOLDOWN = settings.defender_auth_cooldown_minutes()
 AIRFLOW_API_CONN_ID = settings.airflow_api_conn_id()   # optional: write the summary as the run's note
 IRE_BATCH_SIZE = 100      # items per IRE request
+IRE_RENAME_BATCH_SIZE = 1000   # rename items (name + source key, a few hundred bytes) per IRE request
 IRE_PARALLEL = 4          # IRE requests in flight per source
 
 # Change-detection state (asset state store; keys "<source>/..." are written only by that source's task).
@@ -134,7 +135,8 @@ def defender_device_sync():
         from defender_servicenow.hooks.servicenow import ServiceNowHook
         from defender_servicenow.mapping import load_class_mapping
         from defender_servicenow.sources import source_for
-        from defender_servicenow.sync import DeviceSync, max_value_bytes, record_failure
+        from defender_servicenow.sync import DeviceSync, item_failures, record_failure
+        from defender_servicenow.sync_state import max_value_bytes
 
         context = get_current_context()
         context["defender_source"] = source   # the mapped task's label in the UI
@@ -156,7 +158,7 @@ def defender_device_sync():
                 source=source, defender=defender, servicenow=servicenow,
                 state_store=store, mapping=load_class_mapping(),
                 source_name=settings.source_name(), data_source=settings.data_source(),
-                batch_size=IRE_BATCH_SIZE, parallel=IRE_PARALLEL, full_resync=bool(params["full_resync"]),
+                batch_size=IRE_BATCH_SIZE, rename_batch_size=IRE_RENAME_BATCH_SIZE, parallel=IRE_PARALLEL, full_resync=bool(params["full_resync"]),
                 dry_run=bool(params["dry_run"]), retire_after_missing_runs=RETIRE_AFTER_MISSING_RUNS,
                 run_id=context["ti"].run_id, match_by_name=MATCH_BY_NAME, max_value_bytes=max_value_bytes(),
             ).run()
@@ -174,6 +176,10 @@ def defender_device_sync():
         except Exception as exc:
             failed(f"Sync of {source} failed: {type(exc).__name__}", _kind(defender))
             raise
+        refused = item_failures(summary)
+        if refused:   # the sync went through, but a run in which anything failed ends failed
+            log.error(refused)
+            raise AirflowFailException(failed(refused, _kind(defender)))
         counts = {name: getattr(summary, name) for name in summary.COUNTS}
         result = {"source": source, **counts, "duration_s": round(summary.duration, 1), "dry_run": summary.dry_run,
                   "errors": summary.errors}

@@ -261,3 +261,38 @@ def test_rejected_servicenow_credentials_stop_further_logins_by_the_sync(airflow
     assert "lock-out guard" in out + err
     assert "lock-out guard" in sync_state("dagtest_lockout_sensor/meta")["last_failure"]["message"]
     assert SIM_PASSWORD not in out + err
+
+
+@pytest.mark.airflow_db
+def test_devices_servicenow_refuses_fail_the_run_after_everything_else_synced(airflow_db, monkeypatch,
+                                                                              defender_sim_factory, servicenow_conn,
+                                                                              capfd):
+    """Issue 11, item 5: IRE item errors (here MULTI_MATCH: two CIs of another tool share a device's serial)
+    fail the source's task (no retry: it would get the same answer) and the run; the rest is synced and
+    recorded, and the refused device is sent again by the next run."""
+    s1 = defender_sim_factory(mode="sensor", devices=8, seed=21, conn_id="dagtest_refused_1")
+    defender_sim_factory(mode="sensor", devices=6, seed=22, conn_id="dagtest_refused_2")
+    monkeypatch.setenv("DEFENDER_SOURCES", "dagtest_refused_1,dagtest_refused_2")
+    sn = servicenow_conn.sim
+    for n in (1, 2):
+        sn.insert("cmdb_ci_computer", {"name": f"sccm-{n}", "serial_number": "SN-DUP-4711", "discovery_source": "SCCM"})
+    victim = s1.sim.device_ids()[0]
+    s1.sim.update_device(victim, name="PLC with a shared serial", macAddresses=["00:1b:1b:42:42:42"], firmware=[
+        {"slot": "N/A", "additionalData": "N/A", "moduleAddress": "N/A", "rack": "N/A", "address": "10.9.0.1",
+         "model": "S7-1500", "serial": "SN-DUP-4711", "firmwareVersion": "2.9"}])
+    dagrun = run_dag()
+    states = task_states(dagrun)
+    assert states["sync_source[0]"] == "failed" and states["sync_source[1]"] == "success"
+    assert str(getattr(dagrun.state, "value", dagrun.state)) == "failed"
+    out, err = capfd.readouterr()
+    summary = [line for line in (out + err).splitlines() if "source(s) synced" in line][-1]
+    assert "FAILED: 1 source(s): dagtest_refused_1 (ServiceNow refused 1 device(s) of dagtest_refused_1 " \
+           f"(MULTI_MATCH 1; e.g. MULTI_MATCH: device ids {victim})" in summary
+    written = cis(sn, "dagtest_refused_1")
+    assert f"dagtest_refused_1:{victim}" not in written and len(written) >= 6      # the others are synced
+    meta = sync_state("dagtest_refused_1/meta")
+    assert meta["last_outcome"] == "failed" and "MULTI_MATCH" in meta["last_failure"]["message"]
+    assert meta["last_success"]                                                   # the sync itself completed
+    again = run_dag()                                                             # still refused: sent again
+    assert task_states(again)["sync_source[0]"] == "failed"
+    assert "MULTI_MATCH" in sync_state("dagtest_refused_1/meta")["last_failure"]["message"]

@@ -383,12 +383,23 @@ def test_ire_identification_order(servicenow_sim):
     by_serial = ire(url, [ci("a:1", "dev-a", serial="SER-A")])["items"][0]["sysId"]
     by_mac = ire(url, [ci("a:2", "dev-b", macs=("aa:aa:aa:aa:aa:02",))])["items"][0]["sysId"]
     by_name = ire(url, [ci("a:3", "dev-c")])["items"][0]["sysId"]
-    # other native keys (another sensor): matched by serial, then MAC, then name
+    # other native keys (another sensor): the Hardware Rule's documented order is serial, name, MAC + name
     res = ire(url, [ci("b:9", "renamed", serial="SER-A"), ci("b:8", "renamed-2", macs=("AA:AA:AA:AA:AA:02",)),
                     ci("b:7", "dev-c")])["items"]
     assert [r["sysId"] for r in res] == [by_serial, by_mac, by_name]
-    assert [a["attemptResult"] for a in res[1]["identificationAttempts"]] == ["SKIPPED", "SKIPPED", "MATCHED"]
+    assert [(a["attemptResult"], a["attributes"]) for a in res[1]["identificationAttempts"]] == [
+        ("SKIPPED", ["serial_number", "serial_number_type"]), ("SKIPPED", ["serial_number"]),
+        ("NO_MATCH", ["name"]), ("MATCHED", ["mac_address", "name"])]
     assert len(sim.table("cmdb_ci_hardware")) == 3 and len(sim.table("sys_object_source")) == 6
+    # the name is tried before the MAC: dev-c's name wins over dev-b's MAC
+    both = ire(url, [ci("c:1", "dev-c", macs=("aa:aa:aa:aa:aa:02",))])["items"][0]
+    assert both["sysId"] == by_name and both["identificationAttempts"][-1]["attributes"] == ["name"]
+    # an adapter matches on MAC and name together: the same MAC under another adapter name is no match
+    other = ire(url, [ci("c:2", "dev-z", macs=())])["items"][0]
+    item = ci("c:3", "dev-y")
+    item["lookup"] = [{"className": "cmdb_ci_network_adapter", "values": {"mac_address": "aa:aa:aa:aa:aa:02",
+                                                                          "name": "eth0"}}]
+    assert ire(url, [item])["items"][0]["sysId"] not in (by_mac, other["sysId"])
 
 
 def test_ire_data_source_errors_commit_nothing(servicenow_sim):

@@ -60,6 +60,7 @@ class FakeServiceNow:
 
     def identify_reconcile(self, items, data_source, *, dry_run=False):
         self.calls += 1
+        self.payloads = [*getattr(self, "payloads", []), items]
         if self.fail_on_call is not None and self.calls >= self.fail_on_call:
             raise self.fail_with
         out = []
@@ -100,6 +101,17 @@ class FakeServiceNow:
     def create_record(self, table, values):
         self.companies[values["name"]] = sys_id = f"c{next(self._ids):031x}"
         return {"sys_id": sys_id}
+
+    def batch(self, requests_):
+        from defender_servicenow.hooks.servicenow import BatchResponse
+
+        self.calls_batch = getattr(self, "calls_batch", 0) + 1
+        out = []
+        for r in requests_:
+            assert r.method == "POST" and r.url.startswith("/api/now/table/core_company")
+            sys_id = self.create_record("core_company", r.body)["sys_id"]
+            out.append(BatchResponse(r.id, 201, {"result": {"sys_id": sys_id, "name": r.body["name"]}}))
+        return out
 
     other_claims: list[dict] = []   # sys_object_source rows of other sources
     deleted: list[tuple] = []
@@ -153,6 +165,23 @@ def test_first_contact_never_uses_the_name_alone():
     neither = map_device(device(3, mac_addresses=[], firmware=[]), source_name="s", mapping=MAPPING)
     assert first_contact_item(neither)["values"]["name"] == "sensor_a:3"   # its source key, not "PLC-3"
     assert first_contact_item(neither, match_by_name=True) is None          # opt-in: sent by its name
+
+
+def test_first_sync_sends_full_items_in_batches_and_small_renames_in_larger_ones():
+    """First-sync cost: one full item per new device (batch_size per request), then one rename item (name and
+    source key only) per device in batches of rename_batch_size; new manufacturers in one Batch API call."""
+    devices = [device(i, vendor=f"Vendor {i % 4}") for i in range(1, 26)]
+    sn, store = FakeServiceNow(), MemoryStateStore()
+    summary = run(FakeDefender(devices), sn, store, batch_size=5, rename_batch_size=20)
+    assert summary.inserted == 25 and summary.failed == 0
+    full = [p for p in sn.payloads if "lookup" in p[0]]
+    renames = [p for p in sn.payloads if "lookup" not in p[0]]
+    assert [len(p) for p in full] == [5] * 5 and sorted(len(p) for p in renames) == [5, 20]
+    assert all(set(i) == {"className", "values", "sys_object_source_info"} and list(i["values"]) == ["name"]
+               for p in renames for i in p)
+    assert sn.calls == 7 and sn.calls_batch == 1 and len(sn.companies) == 4
+    assert sorted(ci["name"] for ci in sn.cis.values()) == sorted(f"PLC-{i}" for i in range(1, 26))
+    assert all(ci["manufacturer"] == sn.companies[f"Vendor {int(k.split(':')[1]) % 4}"] for k, ci in sn.cis.items())
 
 
 def test_item_errors_are_reported_per_device_and_not_recorded(caplog):
@@ -666,7 +695,7 @@ def test_state_shards_fit_the_store_limit_at_200k_devices_per_source():
     import json
 
     from airflow.configuration import conf
-    from defender_servicenow.sync import max_value_bytes
+    from defender_servicenow.sync_state import max_value_bytes
 
     limit = max_value_bytes()
     assert limit == conf.getint("state_store", "max_value_storage_bytes") > 0

@@ -1,8 +1,10 @@
 """Identification and Reconciliation (IRE) API and the CMDB Instance API of the ServiceNow simulator.
 
 Identification of an item (hardware classes), in order: ``sys_object_source`` (source_name + native key),
-the ``cmdb_serial_number`` lookup, the ``serial_number`` attribute, the MAC addresses of
-``cmdb_ci_network_adapter`` lookups, then ``name``. Lookup rows are kept in their own tables linked through
+then ServiceNow's Hardware Rule in its documented priority order: the ``cmdb_serial_number`` lookup, the
+``serial_number`` attribute, ``name``, then ``mac_address`` + ``name`` of the ``cmdb_ci_network_adapter``
+lookups (an adapter matches when both its MAC and its name are those of the lookup entry; the entry's name
+defaults to its MAC). Lookup rows are kept in their own tables linked through
 ``cmdb_ci``: serial numbers in ``cmdb_serial_number``, MACs in ``cmdb_ci_network_adapter``, IPs in
 ``cmdb_ci_ip_address``. Every response is HTTP 200; failures are per-item ``errors``.
 """
@@ -170,7 +172,7 @@ class _Run:
         macs = sorted(to_str((x.get("values") or {}).get("mac_address")).lower() for x in lookups
                       if x.get("className") == "cmdb_ci_network_adapter")
         for name, value in (("serial_number", ",".join(filter(None, serials)) or values.get("serial_number")),
-                            ("mac_address", ",".join(filter(None, macs))), ("name", values.get("name"))):
+                            ("name", values.get("name")), ("mac_address", ",".join(filter(None, macs)))):
             if value:
                 return (name, to_str(value))
         return None
@@ -316,7 +318,9 @@ class _Run:
             if rows:
                 return rows[0]["target_sys_id"]
         serials = [v for _, c, v in lookups if c == "cmdb_serial_number"]
-        macs = [v["mac_address"] for _, c, v in lookups if c == "cmdb_ci_network_adapter"]
+        adapters = [(v["mac_address"].lower(), (v.get("name") or v["mac_address"]).lower())
+                    for _, c, v in lookups if c == "cmdb_ci_network_adapter"]
+        macs = [mac for mac, _ in adapters]
         if not (serials or values.get("serial_number") or macs or values.get("name")):
             raise ItemError("MISSING_MATCHING_ATTRIBUTES",
                             "In payload missing minimum set of input values for criterion (matching) attributes from "
@@ -328,11 +332,12 @@ class _Run:
                                                                              s["serial_number"])} if serials else None),
             (["serial_number"], HW, lambda: {r["sys_id"] for r in sim.lookup(HW, "serial_number", values["serial_number"])}
              if values.get("serial_number") else None),
-            (["mac_address"], "cmdb_ci_network_adapter",
-             lambda: {r.get("cmdb_ci") for m in macs for r in sim.lookup("cmdb_ci_network_adapter", "mac_address", m)}
-             if macs else None),
             (["name"], HW, lambda: {r["sys_id"] for r in sim.lookup(HW, "name", values["name"])}
              if values.get("name") else None),
+            (["mac_address", "name"], "cmdb_ci_network_adapter",
+             lambda: {r.get("cmdb_ci") for mac, name in adapters
+                      for r in sim.lookup("cmdb_ci_network_adapter", "mac_address", mac)
+                      if (r.get("name") or mac).lower() == name} if adapters else None),
         ]
         for attrs, table, search in steps:
             found = search()

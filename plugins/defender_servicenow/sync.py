@@ -26,25 +26,21 @@ State layout (one writer per key: each source only writes its own keys)::
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import time
-import zlib
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Protocol
+from typing import Any
 
 from defender_servicenow.exceptions import (
     ConfigError,
     ServiceNowError,
-    ServiceNowForbiddenError,
-    ServiceNowInvalidTableError,
 )
 from defender_servicenow.hooks.servicenow import sys_id_of as _ref
+from defender_servicenow.manufacturers import ManufacturerResolver
 from defender_servicenow.mapping import (
     ClassMapping,
     MappingError,
@@ -53,12 +49,27 @@ from defender_servicenow.mapping import (
     payload_digest,
     without_identifiers,
 )
+from defender_servicenow.sync_items import (
+    _MISSING_RULE,
+    _TABLE_IN_MESSAGE,
+    first_contact_item,
+    rename_item,
+    without_entries,
+)
+from defender_servicenow.sync_state import (  # noqa: F401  (re-exported: callers import them from here)
+    DEFAULT_MAX_VALUE_BYTES,
+    DEFAULT_SHARDS,
+    STATE_VERSION,
+    MemoryStateStore,
+    SourceState,
+    StateStore,
+    record_failure,
+    run_failures,
+)
+from defender_servicenow.sync_summary import SyncSummary, item_failures  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-DEFAULT_SHARDS = 128
-DEFAULT_MAX_VALUE_BYTES = 65535          # Airflow's default [state_store] max_value_storage_bytes
 DELETED_LOOKBACK = timedelta(hours=1)   # overlap when asking the console for devices deleted since the last sync
 RETIRED = {"install_status": "7", "operational_status": "6"}
 REVIVED = {"install_status": "1", "operational_status": "1"}
@@ -67,271 +78,8 @@ _INSERT_OPS = {"INSERT", "INSERT_AS_PARTIAL", "INSERT_AS_INCOMPLETE"}
 _D, _SYS_ID, _CLASS, _MISSING, _RETIRED = range(5)
 
 
-class StateStore(Protocol):
-    def get(self, key: str, default: Any = None) -> Any: ...
-    def set(self, key: str, value: Any) -> None: ...
-
-
-class MemoryStateStore:
-    """In-memory stand-in for the asset state store (tests, benchmarks); counts writes."""
-
-    def __init__(self, data: dict | None = None):
-        self.data: dict[str, Any] = dict(data or {})
-        self.writes = 0
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.data.get(key, default)
-
-    def set(self, key: str, value: Any) -> None:
-        if value is None:
-            raise ValueError("Cannot set value as None")
-        self.writes += 1
-        self.data[key] = value
-
-    def delete(self, key: str) -> None:
-        self.data.pop(key, None)
-
-
 class SyncConfigError(ConfigError):
     """A setting ServiceNow rejects for every item (e.g. the data source): retrying cannot help."""
-
-
-# --------------------------------------------------------------------------- state
-
-
-def max_value_bytes() -> int:
-    """Airflow's ``[state_store] max_value_storage_bytes`` (0 = no limit; 65535 when not configured)."""
-    try:
-        from airflow.configuration import conf
-
-        return conf.getint("state_store", "max_value_storage_bytes", fallback=DEFAULT_MAX_VALUE_BYTES)
-    except ImportError:   # pragma: no cover - the engine without Airflow
-        return DEFAULT_MAX_VALUE_BYTES
-
-
-class SourceState:
-    """The per-source change-detection state, sharded over the store's keys; writes only changed shards.
-
-    Shards are sized to the inventory: when a shard to write would pass ``fill`` of the store's value limit
-    (``max_value_bytes``, as Airflow measures it: ``len(json.dumps(value))``), every device is spread over
-    enough shards (doubling) that each stays below half the limit, and the new count is recorded at once.
-    """
-
-    def __init__(self, store: StateStore, source: str, shards: int = DEFAULT_SHARDS,
-                 max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES, fill: float = 0.8):
-        self.store, self.source = store, source
-        self.max_value_bytes, self.fill = max_value_bytes, fill
-        self.meta: dict = store.get(self._meta_key(), None) or {}
-        self.shards = int(self.meta.get("shards") or shards)
-        self._data: list[dict] = [dict(store.get(self._shard_key(i), None) or {}) for i in range(self.shards)]
-        self._dirty: set[int] = set()
-
-    def _meta_key(self) -> str:
-        return f"{self.source}/meta"
-
-    def _shard_key(self, index: int) -> str:
-        return f"{self.source}/devices/{index:03d}"
-
-    def _shard(self, device_id: str) -> int:
-        return zlib.crc32(device_id.encode()) % self.shards
-
-    def get(self, device_id: str) -> list | None:
-        return self._data[self._shard(device_id)].get(device_id)
-
-    def put(self, device_id: str, entry: list) -> None:
-        index = self._shard(device_id)
-        if self._data[index].get(device_id) != entry:
-            self._data[index][device_id] = entry
-            self._dirty.add(index)
-
-    def remove(self, device_id: str) -> None:
-        index = self._shard(device_id)
-        if self._data[index].pop(device_id, None) is not None:
-            self._dirty.add(index)
-
-    def items(self) -> Iterable[tuple[str, list]]:
-        for shard in self._data:
-            yield from list(shard.items())
-
-    def __len__(self) -> int:
-        return sum(len(s) for s in self._data)
-
-    def _size(self, index: int) -> int:
-        return len(json.dumps(self._data[index]))
-
-    def _fit(self) -> None:
-        """Grow the shard count when a changed shard comes near the store's value limit."""
-        limit = self.max_value_bytes
-        if limit <= 0 or not self._dirty or max(map(self._size, self._dirty)) <= limit * self.fill:
-            return
-        total = sum(map(self._size, range(self.shards)))
-        count = self.shards
-        while total / count > limit / 2:
-            count *= 2
-        entries = [e for shard in self._data for e in shard.items()]
-        old = self.shards
-        self.shards, self._data = count, [{} for _ in range(count)]
-        for device_id, entry in entries:
-            self._data[self._shard(device_id)][device_id] = entry
-        self._dirty = set(range(count))
-        log.info("State of %s: %d devices take about %d bytes; spread over %d shards (was %d) so that no value "
-                 "passes the state store's max_value_storage_bytes (%d)", self.source, len(entries), total, count,
-                 old, limit)
-        self._resharded = True
-
-    def save(self) -> int:
-        """Write the changed shards; returns how many."""
-        self._fit()
-        for index in sorted(self._dirty):
-            self.store.set(self._shard_key(index), self._data[index])
-        written = len(self._dirty)
-        self._dirty.clear()
-        if getattr(self, "_resharded", False):   # the shard count goes with the shards it describes
-            self._resharded = False
-            self.save_meta()
-        return written
-
-    def save_meta(self, **values: Any) -> None:
-        self.meta = {**self.meta, "version": STATE_VERSION, "shards": self.shards, **values}
-        self.store.set(self._meta_key(), self.meta)
-
-
-def record_failure(store: StateStore, source: str, failure: dict, *, kind: str | None = None) -> None:
-    """Mark ``<source>/meta`` failed (``last_outcome``, ``last_failure``); keeps everything else."""
-    meta = dict(store.get(f"{source}/meta", None) or {})
-    meta.update(last_outcome="failed", last_failure=failure, **({"kind": kind} if kind else {}))
-    store.set(f"{source}/meta", meta)
-
-
-def run_failures(store: StateStore | None, sources: Iterable[str], run_id: str | None) -> dict[str, str]:
-    """source -> why its sync failed in run ``run_id`` (from ``<source>/meta``; a plain reason if unrecorded)."""
-    out = {}
-    for source in sources:
-        meta = (store.get(f"{source}/meta", None) or {}) if store is not None else {}
-        failure = meta.get("last_failure") or {}
-        if meta.get("last_outcome") == "failed" and failure.get("run_id") == run_id and failure.get("message"):
-            out[source] = str(failure["message"])
-        else:
-            out[source] = "its task did not finish (see its log)"
-    return out
-
-
-# --------------------------------------------------------------------------- manufacturers
-
-
-class ManufacturerResolver:
-    """Vendor name -> ``core_company`` sys_id (the IRE takes references as sys_ids only).
-
-    Looks names up in bulk, creates the missing companies (``manufacturer=true``) unless ``create`` is
-    false (dry run), and caches the answers for the run.
-    """
-
-    def __init__(self, servicenow, *, create: bool = True, chunk: int = 50):
-        self.servicenow, self.create, self.chunk = servicenow, create, chunk
-        self.cache: dict[str, str | None] = {}
-        self.created = 0
-        self.unavailable = False   # core_company cannot be read or written: devices go without manufacturer
-
-    def resolve(self, names: Iterable[str]) -> dict[str, str | None]:
-        missing = sorted({n for n in names if n and n not in self.cache})
-        if self.unavailable:
-            self.cache.update(dict.fromkeys(missing))
-            return self.cache
-        try:
-            self._resolve(missing)
-        except (ServiceNowForbiddenError, ServiceNowInvalidTableError) as exc:
-            self.unavailable = True
-            self.cache.update({n: self.cache.get(n) for n in missing})
-            log.warning("ServiceNow refused the table core_company (HTTP %s: %s): devices are synced without "
-                        "their manufacturer this run. Give the integration user read and create access to "
-                        "core_company to sync manufacturers.", exc.status, exc)
-        return self.cache
-
-    def _resolve(self, missing: list[str]) -> None:
-        for part in self._parts(missing):
-            query = "^OR".join("name=" + n.replace("^", "^^") for n in part)
-            found: dict[str, str] = {}
-            for row in self.servicenow.query("core_company", query, fields=["sys_id", "name"]):
-                found.setdefault(str(row.get("name", "")).lower(), row["sys_id"])
-            for name in part:
-                sys_id = found.get(name.lower())
-                if sys_id is None and self.create:
-                    sys_id = self.servicenow.create_record("core_company", {"name": name, "manufacturer": "true"})["sys_id"]
-                    self.created += 1
-                    log.info("Created the manufacturer %r in core_company (%s)", name, sys_id)
-                self.cache[name] = sys_id
-
-    def _parts(self, names: list[str], max_chars: int = 3000) -> Iterable[list[str]]:
-        """Chunks of at most ``chunk`` names whose encoded query stays short (URL limits: 414)."""
-        part: list[str] = []
-        size = 0
-        for name in names:
-            cost = len(name.encode("utf-8")) * 3 + 8   # worst case once percent-encoded, plus "^ORname="
-            if part and (len(part) >= self.chunk or size + cost > max_chars):
-                yield part
-                part, size = [], 0
-            part.append(name)
-            size += cost
-        if part:
-            yield part
-
-    def apply(self, items: list[dict]) -> list[dict]:
-        """The items with each ``manufacturer`` name replaced by its sys_id (dropped when unknown in a dry
-        run). New dicts: the caller's items keep the vendor name (a resent item is resolved again)."""
-        cache = self.resolve(i["values"].get("manufacturer") for i in items)
-        out = []
-        for item in items:
-            name = item["values"].get("manufacturer")
-            if name is not None:
-                values = {k: v for k, v in item["values"].items() if k != "manufacturer"}
-                if cache.get(name):
-                    values["manufacturer"] = cache[name]
-                item = {**item, "values": values}
-            out.append(item)
-        return out
-
-
-# --------------------------------------------------------------------------- summary
-
-
-@dataclass
-class SyncSummary:
-    source: str
-    seen: int = 0
-    inserted: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    retired: int = 0
-    skipped: int = 0
-    failed: int = 0
-    duration: float = 0.0
-    dry_run: bool = False
-    full_resync: bool = False
-    would_send: int = 0
-    would_retire: int = 0
-    ire_requests: int = 0
-    shared_identifiers: int = 0                                   # devices whose serial/MAC another reported
-    released: int = 0                                             # gone here, CI kept: another source has it
-    errors: dict[str, int] = field(default_factory=dict)          # IRE error code -> devices
-    skip_reasons: dict[str, int] = field(default_factory=dict)
-    examples: dict[str, list[str]] = field(default_factory=dict)  # code -> first device ids
-
-    COUNTS = ("seen", "inserted", "updated", "unchanged", "retired", "skipped", "failed")
-
-    def line(self) -> str:
-        """The final log line: source, the counts, duration."""
-        counts = " ".join(f"{name}={getattr(self, name)}" for name in self.COUNTS)
-        extra = (f" (dry run, nothing written: the IRE preview above is for {self.would_send} devices; "
-                 f"would retire {self.would_retire})") if self.dry_run else ""
-        return f"Last sync of {self.source}: {counts} duration={self.duration:.1f}s{extra}"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    def _example(self, code: str, device_id: str) -> None:
-        ids = self.examples.setdefault(code, [])
-        if len(ids) < 20:
-            ids.append(device_id)
 
 
 # --------------------------------------------------------------------------- engine
@@ -342,41 +90,9 @@ class _Pending:
     device_id: str
     digest: str
     class_name: str
-    follow_up: dict | None = None    # first contact: the full item, sent once the CI is identified
+    follow_up: dict | None = None    # first contact: the rename item, sent once the CI is identified
     is_follow_up: bool = False
     item: dict | None = None         # what was sent (to resend it without entries the instance refuses)
-
-
-# IRE item errors for entries the instance has no identification rule for: resend without those entries.
-_MISSING_RULE = {"IDENTIFICATION_RULE_FOR_RELATED_ITEM_MISSING": "related",
-                 "IDENTIFICATION_RULE_FOR_LOOKUP_MISSING": "lookup"}
-_TABLE_IN_MESSAGE = re.compile(r"\[([A-Za-z0-9_]+)\]")
-
-
-def without_entries(item: dict, part: str, table: str) -> dict:
-    """``item`` without its ``part`` (``related`` or ``lookup``) entries of ``table``."""
-    return {**item, part: [e for e in item.get(part) or [] if e.get("className") != table]}
-
-
-def first_contact_item(item: dict, *, match_by_name: bool = False) -> dict | None:
-    """The item to send for a device ServiceNow has not confirmed yet.
-
-    The IRE falls back to ``name`` when the serial/MAC lookups find nothing, and Defender names are often
-    an IP or a label shared by devices at other sites: a name match would merge two devices. So the first
-    contact carries the MAC (else the serial) as the name -- ServiceNow's own advice for CIs known by MAC --
-    and the real name follows in a second item, matched through ``sys_object_source``. A device with no
-    serial or MAC of its own gets its source key (``<conn id>:<device id>``) as first name, so it gets a CI
-    of its own. ``match_by_name`` (opt-in, ``DEFENDER_SYNC_MATCH_BY_NAME``): such a device is sent as it
-    is and may join an existing CI of the same name. None: the item is sent as it is.
-    """
-    values = item["values"]
-    macs = [x["values"]["mac_address"] for x in item["lookup"] if x["className"] == "cmdb_ci_network_adapter"]
-    identifier = macs[0] if macs else values.get("serial_number")
-    if not identifier and not match_by_name:
-        identifier = item["sys_object_source_info"]["source_native_key"]
-    if not identifier or values.get("name") == identifier:
-        return None
-    return {**item, "values": {**values, "name": identifier}}
 
 
 class DeviceSync:
@@ -388,6 +104,7 @@ class DeviceSync:
     :param servicenow: a ``ServiceNowHook`` (``identify_reconcile``, ``update_record``).
     :param state_store: ``get``/``set`` key-value store owned by this source's task.
     :param batch_size: IRE items per request; ``parallel``: IRE requests in flight at once.
+    :param rename_batch_size: rename items (:func:`rename_item`) per IRE request.
     """
 
     def __init__(self, *, source: str, defender, servicenow, state_store: StateStore, mapping: ClassMapping,
@@ -396,13 +113,14 @@ class DeviceSync:
                  shards: int = DEFAULT_SHARDS, last_seen_resolution_hours: int = 24,
                  clock: Callable[[], datetime] | None = None, run_id: str | None = None,
                  checkpoint_batches: int = 10, match_by_name: bool = False,
-                 max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES):
-        if batch_size < 1 or parallel < 1 or retire_after_missing_runs < 1:
-            raise ValueError("batch_size, parallel and retire_after_missing_runs must be at least 1")
+                 max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES, rename_batch_size: int = 1000):
+        if min(batch_size, parallel, retire_after_missing_runs, rename_batch_size) < 1:
+            raise ValueError("batch_size, rename_batch_size, parallel and retire_after_missing_runs must be at "
+                             "least 1")
         self.source, self.defender, self.servicenow = source, defender, servicenow
         self.store, self.mapping = state_store, mapping
         self.source_name, self.data_source = source_name, data_source
-        self.batch_size, self.parallel = batch_size, parallel
+        self.batch_size, self.parallel, self.rename_batch_size = batch_size, parallel, rename_batch_size
         self.full_resync, self.dry_run = full_resync, dry_run
         self.retire_after = retire_after_missing_runs
         self.shards, self.resolution = shards, last_seen_resolution_hours
@@ -449,16 +167,21 @@ class DeviceSync:
     # ------------------------------------------------------------------ send
 
     def _send_inventory(self, state: SourceState, summary: SyncSummary) -> set[str]:
-        """Stream, map, diff and send; return the ids present in the (complete) inventory."""
+        """Stream, map, diff and send; return the ids present in the (complete) inventory.
+
+        Two queues: full items (``batch_size`` per IRE request) and the renames that follow first contacts
+        (``rename_batch_size`` per request; sent once full, or at the end when nothing else is left)."""
         present: set[str] = set()
         self._batch: list[tuple[dict, _Pending]] = []
+        self._renames: list[tuple[dict, _Pending]] = []
         in_flight: deque[tuple[Future, list[_Pending]]] = deque()
         failure: BaseException | None = None
         pool = ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix=f"ire-{self.source}")
         manufacturers = ManufacturerResolver(self.servicenow, create=not self.dry_run)
 
-        def submit() -> None:
-            batch, self._batch = self._batch, []
+        def submit(queue: str) -> None:
+            batch = getattr(self, queue)
+            setattr(self, queue, [])
             items, pending = [b[0] for b in batch], [b[1] for b in batch]
             items = manufacturers.apply(items)
             summary.would_send += len(items) if self.dry_run else 0
@@ -468,6 +191,11 @@ class DeviceSync:
                               pending))
             while len(in_flight) >= self.parallel * 2:   # bounded memory: wait for the oldest
                 self._collect(*in_flight.popleft(), state, summary)
+                full_renames()
+
+        def full_renames() -> None:
+            if len(self._renames) >= self.rename_batch_size:
+                submit("_renames")
 
         try:
             for record in self.defender.iter_devices():
@@ -475,12 +203,16 @@ class DeviceSync:
                 if item is not None:
                     self._batch.append((item, pending))
                 if len(self._batch) >= self.batch_size:
-                    submit()
-            while self._batch or in_flight:   # the rest, and the follow-ups of first contacts
+                    submit("_batch")
+                full_renames()
+            while self._batch or self._renames or in_flight:   # the rest, and the renames of first contacts
                 if self._batch:
-                    submit()
-                else:
+                    submit("_batch")
+                elif in_flight:
                     self._collect(*in_flight.popleft(), state, summary)
+                    full_renames()
+                else:
+                    submit("_renames")
         except BaseException as exc:   # stop sending, but record what ServiceNow already confirmed
             failure = exc
             for future, _ in in_flight:
@@ -495,7 +227,7 @@ class DeviceSync:
                 except BaseException as exc:
                     failure = failure or exc
             pool.shutdown(wait=True)
-            self._batch = []
+            self._batch, self._renames = [], []
         if failure is not None:
             raise failure
         return present
@@ -543,8 +275,8 @@ class DeviceSync:
         pending = _Pending(device_id, digest, item["className"], item=item)
         if not (entry and entry[_SYS_ID]):
             first = first_contact_item(item, match_by_name=self.match_by_name)
-            if first is not None:   # identify by serial/MAC first; the full item follows once it is known
-                pending.follow_up, pending.item = item, first
+            if first is not None:   # identify by serial/MAC first; the real name follows once it is known
+                pending.follow_up, pending.item = rename_item(item), first
                 return first, pending
         return item, pending
 
@@ -568,8 +300,8 @@ class DeviceSync:
                         "without their %s entries from now on. To keep them, add the rule to the class's "
                         "identification rule (CI Class Manager > %s > Identification rule).", part, table,
                         p.item["className"], code, table, p.item["className"])
-        retry = _Pending(p.device_id, p.digest, p.class_name, p.follow_up and without_entries(p.follow_up, part,
-                         table), p.is_follow_up, without_entries(p.item, part, table))
+        retry = _Pending(p.device_id, p.digest, p.class_name, p.follow_up, p.is_follow_up,
+                         without_entries(p.item, part, table))
         self._batch.append((retry.item, retry))
         return True
 
@@ -616,7 +348,9 @@ class DeviceSync:
             state.put(p.device_id, ["" if p.follow_up else p.digest, sys_id,
                                     item.get("className") or p.class_name, 0, 0])
             if p.follow_up:
-                self._batch.append((p.follow_up, _Pending(p.device_id, p.digest, p.class_name, is_follow_up=True)))
+                rename = rename_item(p.follow_up, item.get("className"))
+                self._renames.append((rename, _Pending(p.device_id, p.digest, rename["className"], is_follow_up=True,
+                                                       item=rename)))
         self._collected += 1
         if not self.dry_run and self._collected % self.checkpoint_batches == 0:
             self._checkpoints += state.save()
