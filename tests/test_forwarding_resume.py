@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 from defender_servicenow import forwarding as fwd
 from defender_servicenow.hooks import _http
-from defender_servicenow.sources import source_for
 from defender_servicenow.hooks.servicenow import ServiceNowHook
+from defender_servicenow.sources import source_for
 
 from tests.test_forwarding import PLC_TITLE, SRC, DictState, baseline, cid, pending, routes, rules_with
 
