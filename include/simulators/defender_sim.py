@@ -80,6 +80,7 @@ class DefenderSimConfig:
     name: str = "sensor-1"
     anchor_ms: int | None = None         # generated times lie before this (default: when the simulator starts)
     version: str = "22.2.5.7-r-2121448"
+    links_per_device: float = 0          # extra device-to-device connections per device (on top of chain + hubs)
 
 
 class ApiError(Exception):
@@ -149,7 +150,8 @@ class DefenderSimulator:
         self.mode = config.mode
         self.anchor_ms = config.anchor_ms if config.anchor_ms is not None else now_ms() // 1000 * 1000
         sensors = config.sensors if self.mode == "management_console" else 1
-        self.inventory = inv.Inventory(config.devices, config.seed, sensors=sensors, anchor_ms=self.anchor_ms)
+        self.inventory = inv.Inventory(config.devices, config.seed, sensors=sensors, anchor_ms=self.anchor_ms,
+                                       links_per_device=config.links_per_device)
         self.topology = self.inventory.topology
         self._lock = threading.RLock()
         self._updated: dict[int, dict] = {}

@@ -24,6 +24,9 @@ class Source(Protocol):
 
     * ``kind``: ``sensor`` | ``management_console`` | ``azure`` (health data); ``name``: display name.
     * ``supports_deletions`` / ``supports_alert_state``: capabilities, so engines ask instead of comparing kinds.
+
+    Optional capabilities (CMDB depth, ``cmdb_depth``): ``iter_sensors()`` with ``device_sensor_key(device)``
+    (which sensor sees a device), and ``supports_connections`` with ``iter_connections()``.
     """
 
     source_id: str
@@ -85,6 +88,28 @@ class ApplianceSource:
     def get_sensors(self) -> list[dict]:
         return self.hook.get_sensors() if self.kind == "management_console" else []
 
+    # CMDB depth: a sensor connection is itself the one sensor of its devices; a console lists its sensors.
+    supports_connections = True
+
+    def iter_sensors(self):
+        from defender_servicenow.cmdb_depth.models import appliance_sensor, parse_v3_sensor
+
+        if self.kind == "management_console":
+            return [parse_v3_sensor(raw, self.source_id) for raw in self.hook.get_sensors()]
+        return [appliance_sensor(self.name, self.hook.base_url)]
+
+    def device_sensor_key(self, device: Device) -> str | None:
+        if self.kind == "management_console":
+            return None if device.sensor_id is None else str(device.sensor_id)
+        return "appliance"
+
+    def iter_connections(self):
+        from defender_servicenow.cmdb_depth.models import parse_sensor_connection, parse_v3_connection
+
+        if self.kind == "management_console":
+            return (parse_v3_connection(raw, self.source_id) for raw in self.hook.iter_v3_connections(0))
+        return (parse_sensor_connection(raw, self.source_id) for raw in self.hook.iter_device_connections())
+
     def test_connection(self) -> tuple[bool, str]:
         return self.hook.test_connection()
 
@@ -122,6 +147,20 @@ class AzureSource:
 
     def get_sensors(self) -> list[dict]:
         return self.hook.get_sensors()
+
+    # CMDB depth: sensors from Resource Graph; Azure publishes no device-to-device connections.
+    supports_connections = False
+
+    def iter_sensors(self):
+        from defender_servicenow.cmdb_depth.models import parse_azure_sensor
+
+        return [parse_azure_sensor(raw, self.source_id) for raw in self.hook.get_sensors()]
+
+    def device_sensor_key(self, device: Device) -> str | None:
+        return device.sensor_name.lower() if device.sensor_name else None
+
+    def iter_connections(self):
+        return iter(())
 
     def test_connection(self) -> tuple[bool, str]:
         return self.hook.test_connection()
