@@ -59,7 +59,7 @@ def test_sensor_item_is_a_nids_ci_identified_by_its_source_key():
     item = map_sensor(Sensor("1", "sensor-1", ip="10.1.0.9", mac="00:0f:38:67:4f:1c", version="22.2",
                              status="DISCONNECTED", zone="Zone 1", site="Plant"), source="cm", source_name="X")
     assert item["className"] == "cmdb_ci_nids"
-    assert item["sys_object_source_info"] == {"source_name": "X", "source_native_key": "cm:sensor:1"}
+    assert item["sys_object_source_info"] == {"source_name": "X", "source_native_key": "sensor:cm:1"}
     assert item["values"]["firmware_version"] == "22.2" and item["values"]["zone"] == "Zone 1"
     assert item["values"]["operational_status"] == "2"   # disconnected -> non-operational
     assert {x["className"] for x in item["lookup"]} == {"cmdb_ci_network_adapter", "cmdb_ci_ip_address"}
@@ -174,12 +174,12 @@ def test_management_console_sensors_become_cis_and_devices_join_their_own_sensor
     devices.run()
     assert sensors.run().counts["inserted"] == 2
     nids = {r["correlation_id"]: r for r in sn.table("cmdb_ci_nids")}
-    assert set(nids) == {"depth_cm_1:sensor:1", "depth_cm_1:sensor:2"}
+    assert set(nids) == {"sensor:depth_cm_1:1", "sensor:depth_cm_1:2"}
     assert all(r["zone"] and r["firmware_version"] for r in nids.values())
     own = device_cis(store, "depth_cm_1")
-    sensor_of = {nids[f"depth_cm_1:sensor:{defender.sim.device(i)['sensorId']}"]["sys_id"]: set() for i in own}
+    sensor_of = {nids[f"sensor:depth_cm_1:{defender.sim.device(i)['sensorId']}"]["sys_id"]: set() for i in own}
     for i, (sys_id, _) in own.items():
-        sensor_of[nids[f"depth_cm_1:sensor:{defender.sim.device(i)['sensorId']}"]["sys_id"]].add(sys_id)
+        sensor_of[nids[f"sensor:depth_cm_1:{defender.sim.device(i)['sensorId']}"]["sys_id"]].add(sys_id)
     found: dict[str, set] = {}
     for r in rels(sn, DETECTS):
         found.setdefault(r["parent"], set()).add(r["child"])

@@ -166,8 +166,9 @@ class AzureSource:
         return self.hook.test_connection()
 
 
-def source_for(conn_id: str) -> Source:
-    """The source for a Defender connection id, by its ``conn_type``."""
+def source_for(conn_id: str, *, auth_guard=None) -> Source:
+    """The source for a Defender connection id, by its ``conn_type`` (``auth_guard``: the lock-out guard
+    for an appliance's token, hooks/lockout.py)."""
     from airflow.sdk import BaseHook
 
     conn = BaseHook.get_connection(conn_id)
@@ -175,7 +176,7 @@ def source_for(conn_id: str) -> Source:
     if conn_type == "defender_iot":
         from defender_servicenow.hooks.defender import DefenderIoTHook
 
-        return ApplianceSource(DefenderIoTHook(conn_id))
+        return ApplianceSource(DefenderIoTHook(conn_id, auth_guard=auth_guard))
     if conn_type == "defender_iot_azure":
         from defender_servicenow.hooks.azure import DefenderIoTAzureHook
 

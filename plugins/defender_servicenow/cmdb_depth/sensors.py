@@ -1,8 +1,8 @@
 """Sensors -> ``cmdb_ci_nids`` CIs, each device CI related to the sensor that sees it
 (``Detects::Detected by``, NIDS parent, device child: the type ServiceNow ships with the NIDS class).
 
-Sensor identity: ``sys_object_source`` native key ``<conn id>:sensor:<sensor key>`` (a device's is
-``<conn id>:<device id>``), so the clean-up finds sensor CIs like device CIs. Change-detected like devices
+Sensor identity: ``sys_object_source`` native key ``sensor:<conn id>:<sensor key>`` (a device's is
+``<conn id>:<device id>``, which stays the form that means a device); the clean-up looks for both. Change-detected like devices
 (the same payload digest); sensors a source stops listing are retired (``install_status`` 7,
 ``operational_status`` 6) after ``retire_after_missing_runs`` successful runs, never while another source
 (another of our connections, another discovery tool) still claims the CI.
@@ -31,7 +31,7 @@ _SKEY, _SSYS, _DSYS, _OURS = range(4)                # link entry: [sensor key, 
 
 
 def sensor_native_key(source: str, sensor_key: str) -> str:
-    return f"{source}:sensor:{sensor_key}"
+    return f"sensor:{source}:{sensor_key}"
 
 
 def map_sensor(sensor: Sensor, *, source: str, source_name: str) -> dict:
