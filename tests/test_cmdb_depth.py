@@ -263,3 +263,55 @@ def test_dry_run_writes_nothing(defender_sim_factory, servicenow_conn):
     assert sensors.run().dry_run and relations.run().counts["created"] > 0
     assert not sn.table("cmdb_ci_nids") and not sn.table("cmdb_rel_ci") and set(store.data) == keys
     assert writes(sn) > before   # only the IRE's /query endpoint, which commits nothing
+
+
+@pytest.mark.parametrize("mode", ["retire", "delete"])
+def test_cleanup_covers_sensor_cis_and_the_relations(defender_sim_factory, servicenow_conn, mode):
+    from defender_servicenow.cleanup import run_cleanup
+    from defender_servicenow.hooks.servicenow import ServiceNowHook
+
+    defender_sim_factory(mode="sensor", devices=20, conn_id="depth_clean")
+    sn = servicenow_conn.sim
+    store = MemoryStateStore()
+    for engine in engines("depth_clean", store):
+        engine.run()
+    other = sn.insert("cmdb_ci_ot", {"name": "someone else's CI"})
+    type_id = next(r["sys_id"] for r in sn.table("cmdb_rel_type") if r["name"] == CONNECTS)
+    foreign = sn.insert("cmdb_rel_ci", {"parent": other["sys_id"], "child": other["sys_id"], "type": type_id})
+    ours = len(sn.table("cmdb_rel_ci")) - 1
+    assert ours > 20 and len(sn.table("cmdb_ci_nids")) == 1
+    hook = ServiceNowHook("servicenow_default", max_retry_time=2)
+    run_cleanup(hook, {"scope": "devices", "mode": mode, "sources": ["depth_clean"], "dry_run": False,
+                       "confirm": hook.instance_host}, source_name=SOURCE_NAME)
+    nids = sn.table("cmdb_ci_nids")
+    if mode == "retire":   # the sensor CI is retired like the devices; relations stay as history
+        assert [(r["install_status"], r["operational_status"]) for r in nids] == [("7", "6")]
+        assert len(sn.table("cmdb_rel_ci")) == ours + 1
+    else:                  # everything we wrote goes, relations first; someone else's relation stays
+        assert nids == [] and [r["sys_id"] for r in sn.table("cmdb_rel_ci")] == [foreign["sys_id"]]
+    assert sn.get(other["sys_id"])["name"] == "someone else's CI"
+
+
+def test_azure_sensors_become_cis_and_devices_join_the_sensor_named_on_them(azure_sim_factory, servicenow_conn):
+    from defender_servicenow.hooks.azure import DefenderIoTAzureHook
+    from defender_servicenow.hooks.servicenow import ServiceNowHook
+    from defender_servicenow.sources import AzureSource
+
+    azure_sim_factory("depth_azure", devices=40, sensors=2)
+    sn = servicenow_conn.sim
+    store = MemoryStateStore()
+    servicenow = ServiceNowHook("servicenow_default", max_retry_time=2)
+    hook = DefenderIoTAzureHook("depth_azure")
+    DeviceSync(source="depth_azure", defender=hook, servicenow=servicenow, state_store=store,
+               mapping=load_class_mapping(), source_name=SOURCE_NAME, data_source="Other Automated").run()
+    source = AzureSource(hook)
+    common = dict(source=source, servicenow=servicenow, state_store=store, source_name=SOURCE_NAME,
+                  data_source="Other Automated")
+    s = SensorSync(**common).run()
+    assert s.counts["inserted"] == 2 and s.failed == 0
+    nids = sn.table("cmdb_ci_nids")
+    assert sorted(r["firmware_version"] for r in nids) == ["25.2.1", "25.2.1"] and all(r["zone"] for r in nids)
+    own = device_cis(store, "depth_azure")
+    assert len(rels(sn, DETECTS)) == s.counts["links_created"] == len(own) > 30
+    r = RelationSync(**common).run()
+    assert r.counts == {} and "no device connections" in r.note   # Azure publishes none: nothing read or written
