@@ -867,10 +867,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token", default=SIM_TOKEN)
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
+    parser.add_argument("--links-per-device", type=float, default=0,
+                        help="extra device-to-device connections per device (on top of the chain and hubs)")
     args = parser.parse_args(argv)
     config = DefenderSimConfig(mode=args.mode, token=args.token, devices=args.devices, seed=args.seed,
                                sensors=args.sensors, alerts=args.alerts, alert_interval_s=args.alert_interval,
-                               latency_ms=args.latency_ms, name=args.name)
+                               latency_ms=args.latency_ms, name=args.name, links_per_device=args.links_per_device)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     scheme = "https" if args.tls_cert else "http"
     log.info("Defender for IoT simulator (%s, %d devices) on %s://127.0.0.1:%d", args.mode, args.devices, scheme,
