@@ -40,6 +40,7 @@ DEFENDER_COOLDOWN = settings.defender_auth_cooldown_minutes()
 AIRFLOW_API_CONN_ID = settings.airflow_api_conn_id()   # optional: write the summary as the run's note
 SYNC_RELATIONS = settings.sync_relations()                     # opt-out for very large networks
 RELATION_RETENTION_DAYS = settings.relation_retention_days()   # a connection unseen this long loses its relation
+CVE_MIN_SCORE = settings.cve_min_score()                       # CVEs below this CVSS score are not recorded
 IRE_BATCH_SIZE = 100      # items per IRE request
 IRE_PARALLEL = 4          # IRE requests in flight per source
 
@@ -79,7 +80,9 @@ Identification and Reconciliation Engine (connection `{SERVICENOW_CONN_ID}`). Ru
   `sync_sensors` (sensors -> `cmdb_ci_nids` CIs, each device CI *Detected by* its sensor) and
   `sync_relations` (device connections -> *Connects to* relations between two device CIs of the same source;
   {"on" if SYNC_RELATIONS else "off: DEFENDER_SYNC_RELATIONS=false"}; removed after {RELATION_RETENTION_DAYS}
-  days unseen, `DEFENDER_RELATION_RETENTION_DAYS`).
+  days unseen, `DEFENDER_RELATION_RETENTION_DAYS`) and `sync_cves` (each device's CVEs scoring at least
+  {CVE_MIN_SCORE:g}, `DEFENDER_CVE_MIN_SCORE`: Vulnerability Response items when the instance has them, else
+  key values on the CI; a CVE that disappears is closed, not deleted).
 """
 
 
@@ -220,7 +223,7 @@ def defender_device_sync():
                 data_source=settings.data_source(), full_resync=bool(params["full_resync"]),
                 dry_run=bool(params["dry_run"]), max_items=IRE_BATCH_SIZE, max_value_bytes=max_value_bytes(),
                 retire_after_missing_runs=RETIRE_AFTER_MISSING_RUNS, sync_relations=SYNC_RELATIONS,
-                retention_days=RELATION_RETENTION_DAYS).run()
+                retention_days=RELATION_RETENTION_DAYS, cve_min_score=CVE_MIN_SCORE).run()
         except NOT_RETRYABLE as exc:
             raise AirflowFailException(failed(f"{kind.capitalize()} of {source} failed: {exc}")) from None
         except AirflowNotFoundException as exc:
@@ -240,6 +243,10 @@ def defender_device_sync():
     @task(retries=1, trigger_rule="all_done", inlets=[SYNC_STATE, AUTH], map_index_template="{{ defender_source }}")
     def sync_relations(source: str, params=None, asset_state_store=None) -> dict:
         return run_depth("relations", source, params, asset_state_store)
+
+    @task(retries=1, trigger_rule="all_done", inlets=[SYNC_STATE, AUTH], map_index_template="{{ defender_source }}")
+    def sync_cves(source: str, params=None, asset_state_store=None) -> dict:
+        return run_depth("cves", source, params, asset_state_store)
 
     @task(retries=0, trigger_rule="all_done", inlets=[SYNC_STATE])   # report what synced even when some failed
     def report(results, depth=None, params=None, dag_run=None, asset_state_store=None) -> str:
@@ -285,8 +292,9 @@ def defender_device_sync():
     devices = sync_source.expand(source=sources)
     sensors = sync_sensors.expand(source=sources)
     relations = sync_relations.expand(source=sources)
-    devices >> [sensors, relations]
-    report(devices, depth={"sensors": sensors, "relations": relations})
+    cves = sync_cves.expand(source=sources)
+    devices >> [sensors, relations, cves]
+    report(devices, depth={"sensors": sensors, "relations": relations, "cves": cves})
 
 
 defender_device_sync()

@@ -10,7 +10,8 @@ from tests.test_device_sync_dag import load_dag, load_dagbag, run_dag, task_stat
 
 @pytest.mark.parametrize(("name", "value"), [("DEFENDER_RELATION_RETENTION_DAYS", "0"),
                                              ("DEFENDER_RELATION_RETENTION_DAYS", "ninety"),
-                                             ("DEFENDER_SYNC_RELATIONS", "maybe")])
+                                             ("DEFENDER_SYNC_RELATIONS", "maybe"),
+                                             ("DEFENDER_CVE_MIN_SCORE", "11")])
 def test_bad_depth_settings_are_import_errors_naming_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     (message,) = load_dagbag().import_errors.values()
@@ -20,7 +21,7 @@ def test_bad_depth_settings_are_import_errors_naming_the_variable(monkeypatch, n
 def test_depth_tasks_follow_the_devices_and_never_stop_them(monkeypatch):
     monkeypatch.delenv("DEFENDER_SOURCES", raising=False)
     dag = load_dag()
-    for task_id in ("sync_sensors", "sync_relations"):
+    for task_id in ("sync_sensors", "sync_relations", "sync_cves"):
         task = dag.get_task(task_id)
         assert task.upstream_task_ids >= {"sync_source"} and task.trigger_rule == "all_done"
         assert "report" in task.downstream_task_ids

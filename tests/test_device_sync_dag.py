@@ -41,7 +41,7 @@ def test_dag_imports_with_defaults(monkeypatch):
     assert dag.params["full_resync"] is False and dag.params["dry_run"] is False and dag.params["sources"] == []
     assert "Enable Sync" in dag.doc_md and "pause" in dag.doc_md.lower()
     assert {t.task_id for t in dag.tasks} == {"select_sources", "sync_source", "sync_sensors", "sync_relations",
-                                              "report"}
+                                              "sync_cves", "report"}
     sync = dag.get_task("sync_source")
     assert sync.retries >= 1 and sync.retry_exponential_backoff
 
@@ -128,7 +128,8 @@ def test_sensor_architecture_two_sensors(airflow_db, monkeypatch, defender_sim_f
     first = run_dag()                                     # 1. the first sync creates the CIs
     assert task_states(first) == {"select_sources": "success", "sync_source[0]": "success",
                                   "sync_source[1]": "success", "report": "success",
-                                  **{f"{t}[{i}]": "success" for t in ("sync_sensors", "sync_relations") for i in (0, 1)}}
+                                  **{f"{t}[{i}]": "success" for t in ("sync_sensors", "sync_relations", "sync_cves")
+                                     for i in (0, 1)}}
     ci1, ci2 = cis(sn, "dagtest_sensor_1"), cis(sn, "dagtest_sensor_2")
     assert len(ci1) >= 28 and len(ci2) >= 18
     (event,) = last_sync_events("dagtest_sensor_1")

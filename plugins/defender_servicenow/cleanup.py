@@ -74,7 +74,10 @@ DEPENDENTS = (
 # Delete order: children first, then parents, our sys_object_source marker rows last, so whatever a failed
 # run leaves behind is still found by the next one.
 ALERT_ORDER = ("task_ci", "incident", "sn_si_incident")  # then the application table(s)
-DEVICE_ORDER = ("cmdb_rel_ci", "cmdb_ci_ip_address", "cmdb_ci_network_adapter", "cmdb_serial_number",
+VIT_TABLE = "sn_vul_vulnerable_item"   # Vulnerability Response items of our CVEs (cmdb_depth.cves), when present
+VIT_PREFIX = "defender-iot-cve:"
+VIT_CLOSE = {"state": "3", "close_notes": CLOSE_NOTES}
+DEVICE_ORDER = (VIT_TABLE, "cmdb_rel_ci", "cmdb_ci_ip_address", "cmdb_ci_network_adapter", "cmdb_serial_number",
                 "cmdb_ot_entity", "cmdb_key_value", "cmdb_ci", "sys_object_source")
 DEPENDENT_FIELDS = {"cmdb_ci_network_adapter": "name", "cmdb_ci_ip_address": "ip_address",
                     "cmdb_serial_number": "serial_number", "cmdb_ot_entity": "ot_correlation_id",
@@ -241,6 +244,16 @@ def find_records(hook, params: CleanupParams, source_name: str | None = None,
         markers = _read_in(hook, "sys_object_source", "target_sys_id", found.cis, ["target_sys_id", "name", "id"])
         found.shared = {_ref(r.get("target_sys_id")) for r in markers
                         if (r.get("name"), r.get("id")) not in selected and _ref(r.get("target_sys_id")) in found.cis}
+        try:   # optional: only instances with Vulnerability Response have the table
+            rows = []
+            for prefix in _prefixes(params):
+                rows += _read(hook, VIT_TABLE, f"correlation_idSTARTSWITH{VIT_PREFIX}{prefix}"
+                                               f"^correlation_display={CORRELATION_DISPLAY}",
+                              ["sys_id", "number", "state", "correlation_id", "correlation_display", "sys_updated_on"])
+            found.tasks[VIT_TABLE] = [r for r in rows if r.get("correlation_display") == CORRELATION_DISPLAY
+                                      and str(r.get("correlation_id", "")).startswith(VIT_PREFIX)]
+        except ServiceNowInvalidTableError:
+            log.debug("No table %s on this instance: no CVE items of ours", VIT_TABLE)
     if params.alerts:
         if params.mode == "retire":
             found.close_code = pick_close_code(hook)
@@ -409,6 +422,17 @@ def build_plan(found: Found, params: CleanupParams, now: datetime | None = None)
                 plans["cmdb_ci"].already += 1
             else:
                 act("cmdb_ci", ci, label, url_table, dict(RETIRED))
+    if params.devices and found.tasks.get(VIT_TABLE):
+        plans[VIT_TABLE].verb = "delete" if delete else "close"
+        for row in found.tasks[VIT_TABLE]:
+            if not _old_enough(row, cutoff):
+                continue
+            if delete:
+                act(VIT_TABLE, row, row.get("number", ""))
+            elif str(row.get("state", "")) == VIT_CLOSE["state"]:
+                plans[VIT_TABLE].already += 1
+            else:
+                act(VIT_TABLE, row, row.get("number", ""), body=dict(VIT_CLOSE))
     if params.alerts:
         for table, done_states, close in (("incident", INCIDENT_DONE_STATES, INCIDENT_CLOSE),
                                           ("sn_si_incident", SIR_DONE_STATES, SIR_CLOSE)):

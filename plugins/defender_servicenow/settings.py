@@ -226,3 +226,9 @@ def relation_retention_days(environ: dict | None = None) -> int:
     removed; integer 1 to 3650, default 90."""
     return _number("DEFENDER_RELATION_RETENTION_DAYS", environ, default=DEFAULT_RELATION_RETENTION_DAYS,
                    minimum=1, maximum=3650, integer=True, unit="days")
+
+
+def cve_min_score(environ: dict | None = None) -> float:
+    """``DEFENDER_CVE_MIN_SCORE``: CVEs scoring below this (CVSS 0 to 10) are not recorded; default 0."""
+    return _number("DEFENDER_CVE_MIN_SCORE", environ, default=0.0, minimum=0, maximum=10, integer=False,
+                   unit="CVSS points")

@@ -110,6 +110,25 @@ class ApplianceSource:
             return (parse_v3_connection(raw, self.source_id) for raw in self.hook.iter_v3_connections(0))
         return (parse_sensor_connection(raw, self.source_id) for raw in self.hook.iter_device_connections())
 
+    supports_cves = True
+
+    def iter_device_cves(self, min_score: float = 0):
+        """(device id, its CVEs): the console's v3 device CVEs; a sensor's CVEs are keyed by IP, so they go
+        to every device of the inventory with that IP."""
+        from defender_servicenow.cmdb_depth.models import parse_v3_device_cves, sensor_cves_by_ip
+
+        if self.kind == "management_console":
+            yield from (parse_v3_device_cves(raw, self.source_id)
+                        for raw in self.hook.iter_v3_device_cves(0, min_score or None))
+            return
+        by_ip = sensor_cves_by_ip(self.hook.iter_device_cves())
+        if not by_ip:
+            return
+        for device in self.hook.iter_devices():
+            found = [c for ip in getattr(device, "ip_addresses", ()) for c in by_ip.get(ip, ())]
+            if found:
+                yield device.id, found
+
     def test_connection(self) -> tuple[bool, str]:
         return self.hook.test_connection()
 
@@ -160,6 +179,12 @@ class AzureSource:
         return device.sensor_name.lower() if device.sensor_name else None
 
     def iter_connections(self):
+        return iter(())
+
+    # Resource Graph's device vulnerabilities are not read yet (see README, CMDB depth).
+    supports_cves = False
+
+    def iter_device_cves(self, min_score: float = 0):
         return iter(())
 
     def test_connection(self) -> tuple[bool, str]:

@@ -133,3 +133,53 @@ def parse_v3_connection(raw: Any, source: str) -> Connection | InvalidRecord:
     if isinstance(ends, InvalidRecord):
         return ends
     return Connection(*ends, None, _text(raw.get("u_connection_type")))
+
+
+@dataclass(frozen=True)
+class Cve:
+    """A CVE Defender reports on a device: id, CVSS score (0-10, None when unreadable), attack vector,
+    description."""
+
+    id: str
+    score: float | None = None
+    attack_vector: str | None = None
+    description: str | None = None
+
+
+def _score(value: Any) -> float | None:
+    try:
+        score = float(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+    return score if 0 <= score <= 10 else None
+
+
+def _cve(raw: Any, prefix: str) -> Cve | None:
+    """One CVE object: sensor keys (``cveId``, ``score``...) with ``prefix=""``, console keys with ``u_``."""
+    if not isinstance(raw, dict):
+        return None
+    keys = ("u_cve_id", "u_score", "u_attack_vector", "u_description") if prefix else \
+        ("cveId", "score", "attackVector", "description")
+    cve_id = _text(raw.get(keys[0]))
+    if not cve_id:
+        return None
+    return Cve(cve_id.upper(), _score(raw.get(keys[1])), _text(raw.get(keys[2])), _text(raw.get(keys[3])))
+
+
+def parse_v3_device_cves(raw: Any, source: str) -> tuple[int, list[Cve]] | InvalidRecord:
+    """A console ``u_device_cves`` record -> (device id, its CVEs); CVE objects without an id are dropped."""
+    device_id = _device_id(raw.get("u_id")) if isinstance(raw, dict) else None
+    if device_id is None or not isinstance(raw.get("u_cves"), list):
+        return InvalidRecord(source=source, record_id=None, reason="a device CVE record needs a u_id and u_cves")
+    return device_id, [c for c in (_cve(x, "u_") for x in raw["u_cves"]) if c]
+
+
+def sensor_cves_by_ip(raws: Any) -> dict[str, list[Cve]]:
+    """Sensor ``/api/v1/devices/cves`` objects grouped by their ``ipAddress`` (the sensor keys CVEs by IP)."""
+    out: dict[str, list[Cve]] = {}
+    for raw in raws:
+        ip = normalize_ip(raw.get("ipAddress")) if isinstance(raw, dict) else None
+        cve = _cve(raw, "")
+        if ip and cve:
+            out.setdefault(ip, []).append(cve)
+    return out

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 
+from defender_servicenow.cmdb_depth.cves import CveSync
 from defender_servicenow.cmdb_depth.relations import RelationSync
 from defender_servicenow.cmdb_depth.sensors import SensorSync
 from defender_servicenow.cmdb_depth.state import depth_failure_reason
 from defender_servicenow.cmdb_depth.summary import DepthSummary
 
 log = logging.getLogger(__name__)
-KINDS = ("sensors", "relations")
+KINDS = ("sensors", "relations", "cves")
 
 
 class _Off:
@@ -25,7 +26,8 @@ class _Off:
 
 def build_engine(kind: str, *, source, servicenow, state_store, source_name: str, data_source: str,
                  full_resync: bool, dry_run: bool, max_items: int, max_value_bytes: int,
-                 retire_after_missing_runs: int, sync_relations: bool, retention_days: int):
+                 retire_after_missing_runs: int, sync_relations: bool, retention_days: int,
+                 cve_min_score: float = 0.0):
     common = dict(source=source, servicenow=servicenow, state_store=state_store, source_name=source_name,
                   data_source=data_source, full_resync=full_resync, dry_run=dry_run, max_items=max_items,
                   max_value_bytes=max_value_bytes)
@@ -35,6 +37,8 @@ def build_engine(kind: str, *, source, servicenow, state_store, source_name: str
         if not sync_relations:
             return _Off(kind, source.source_id, "turned off by DEFENDER_SYNC_RELATIONS=false", dry_run)
         return RelationSync(retention_days=retention_days, **common)
+    if kind == "cves":
+        return CveSync(min_score=cve_min_score, **common)
     raise ValueError(f"unknown CMDB depth kind {kind!r}")
 
 

@@ -2,7 +2,7 @@
 (``defender_device_sync_state``), reusing its sharded, change-only ``SourceState``.
 
 Keys (one writer each: the source's mapped task of that kind): ``<source>/<kind>/meta`` and
-``<source>/<kind>/<nnn>``, kind = ``sensors``, ``sensor_links`` or ``relations``. The device entries
+``<source>/<kind>/<nnn>``, kind = ``sensors``, ``sensor_links``, ``relations`` or ``cves``. The device entries
 (``<source>/devices/<nnn>``) are only read, for the device CIs' sys_ids and classes.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from defender_servicenow.sync import DEFAULT_MAX_VALUE_BYTES, SourceState, StateStore
 
-KINDS = ("sensors", "sensor_links", "relations")
+KINDS = ("sensors", "sensor_links", "relations", "cves")
 _SYS_ID, _CLASS, _RETIRED = 1, 2, 4   # device entry: [digest, sys_id, class, missing runs, retired]
 
 

@@ -378,6 +378,14 @@ class DefenderIoTHook(BaseHook):
         path = f"/external/v3/integration/connections/{int(since_ms)}"
         yield from (c for c in self._iter_v3_pages(path, "u_connections", {}) if isinstance(c, dict))
 
+    def iter_v3_device_cves(self, since_ms: int = 0, min_score: float | None = None) -> Iterator[dict]:
+        """Management console device CVEs (raw ``u_id`` / ``u_cves`` records) of devices updated after
+        ``since_ms``; ``min_score`` is the console's ``score`` filter (>=)."""
+        self._require(MANAGEMENT_CONSOLE, "Device CVEs (v3 integration API)")
+        path = f"/external/v3/integration/devicecves/{int(since_ms)}"
+        extra = {"score": min_score} if min_score else {}
+        yield from (c for c in self._iter_v3_pages(path, "u_device_cves", extra) if isinstance(c, dict))
+
     def _iter_v3_pages(self, path: str, list_key: str, extra: dict[str, Any]) -> Iterator[Any]:
         page, read = 0, 0
         while True:
