@@ -315,3 +315,19 @@ def test_azure_sensors_become_cis_and_devices_join_the_sensor_named_on_them(azur
     assert len(rels(sn, DETECTS)) == s.counts["links_created"] == len(own) > 30
     r = RelationSync(**common).run()
     assert r.counts == {} and "no device connections" in r.note   # Azure publishes none: nothing read or written
+
+
+def test_a_full_resync_keeps_our_relations_ours_so_retention_still_removes_them(defender_sim_factory,
+                                                                              servicenow_conn, monkeypatch):
+    defender_sim_factory(mode="sensor", devices=20, conn_id="depth_full")
+    sn = servicenow_conn.sim
+    store = MemoryStateStore()
+    devices, _, relations = engines("depth_full", store)
+    devices.run()
+    created = relations.run().counts["created"]
+    again = engines("depth_full", store, full_resync=True)[2].run()
+    assert again.counts["existing"] == created and len(rels(sn, CONNECTS)) == created
+    import defender_servicenow.cmdb_depth.relations as module
+
+    monkeypatch.setattr(module, "today", lambda: int(datetime.now(timezone.utc).timestamp() // 86400) + 400)
+    assert relations.run().counts["removed"] == created and not rels(sn, CONNECTS)

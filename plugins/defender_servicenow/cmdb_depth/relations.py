@@ -135,7 +135,10 @@ class RelationSync(DepthEngine):
             summary.add("created" if result.created else "existing")
             if not self.dry_run:
                 first, second = (int(x) for x in link.key.split(">"))
-                state.put(link.key, [devices[first][0], devices[second][0], days[link.key], int(result.created)])
+                ends = [devices[first][0], devices[second][0]]
+                before = state.get(link.key)   # a full resync re-sends ours: NO_CHANGE keeps them ours
+                ours = result.created or bool(before and before[:_DAY] == ends and before[_OURS])
+                state.put(link.key, [*ends, days[link.key], int(ours)])
 
     def _remove(self, plan: RelationPlan, state: DepthState, summary: DepthSummary) -> None:
         ours = [(key, entry) for key, entry in plan.remove if entry[_OURS]]

@@ -238,4 +238,6 @@ class SensorSync(DepthEngine):
                 continue
             summary.add("links_created" if result.created else "links_existing")
             if not self.dry_run:
-                links.put(result.link.key, [*targets[result.link.key], int(result.created)])
+                values, before = targets[result.link.key], links.get(result.link.key)
+                ours = result.created or bool(before and before[:_OURS] == values and before[_OURS])
+                links.put(result.link.key, [*values, int(ours)])
