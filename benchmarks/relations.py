@@ -17,9 +17,7 @@ request and 2 ms server time per IRE item. The device CIs are synced first (not 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import resource
 import sys
 import time
@@ -27,9 +25,7 @@ import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from device_sync import ROOT, requests_by_route, sim, start  # noqa: E402  (also puts plugins/ on sys.path)
-
-assert ROOT
+from device_sync import requests_by_route, sim, start_simulators  # noqa: E402  (puts plugins/ on sys.path)
 
 
 def measure(label: str, make_engine, sn_url: str, per: str, count_of) -> tuple[int, float]:
@@ -74,21 +70,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     procs = []
     try:
-        sn_proc, sn_url = start("include.simulators.servicenow_sim", "--latency-ms", str(ARGS.latency_ms),
-                                "--ire-item-ms", str(ARGS.ire_item_ms))
-        procs.append(sn_proc)
-        def_proc, def_url = start("include.simulators.defender_sim", "--mode", "sensor", "--devices",
-                                  str(ARGS.devices), "--name", "bench-sensor", "--links-per-device",
-                                  str(ARGS.links_per_device))
-        procs.append(def_proc)
-        from include.simulators.defender_sim import SIM_TOKEN
-        from include.simulators.servicenow_sim import SIM_PASSWORD, SIM_USER
-
-        os.environ["AIRFLOW_CONN_SERVICENOW_DEFAULT"] = json.dumps(
-            {"conn_type": "servicenow", "host": sn_url, "login": SIM_USER, "password": SIM_PASSWORD})
-        os.environ["AIRFLOW_CONN_DEFENDER_BENCH"] = json.dumps(
-            {"conn_type": "defender_iot", "host": def_url, "password": SIM_TOKEN,
-             "extra": {"appliance": "sensor", "name": "bench-sensor"}})
+        sn_url, _ = start_simulators(procs, ARGS.devices, ARGS.latency_ms, ARGS.ire_item_ms,
+                                     "--links-per-device", str(ARGS.links_per_device))
         from defender_servicenow import settings
         from defender_servicenow.cmdb_depth.relations import RelationSync
         from defender_servicenow.cmdb_depth.sensors import SensorSync
