@@ -55,8 +55,9 @@ class DepthSummary:
         """Log the summary line; raise when anything failed (the run ends failed, the log says what)."""
         if self.failed:
             more = f" (first {len(self.errors)} listed above)" if self.failed > len(self.errors) else ""
-            message = (f"{self.line()}. {self.failed} record(s) could not be written{more}; what ServiceNow "
-                       "confirmed is recorded and the rest is sent again next run")
+            message = (f"{self.line()}. {self.failed} record(s) could not be written{more}, first: "
+                       f"{self.errors[0] if self.errors else 'unknown'}; what ServiceNow confirmed is recorded and "
+                       "the rest is sent again next run")
             log.error(message)
             raise DepthIncompleteError(message)
         log.info(self.line())
