@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python benchmarks/device_sync.py
 	$(BIN)/python benchmarks/alert_forwarding.py
 	$(BIN)/python benchmarks/azure_sync.py
+	$(BIN)/python benchmarks/relations.py
 
 clean:
 	rm -rf .demo .pytest_cache

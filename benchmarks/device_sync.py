@@ -156,24 +156,32 @@ def run_baseline(sn_url: str, source: str, count: int, devices: int) -> tuple[fl
     return total * factor, wall * factor
 
 
+def start_simulators(procs: list, devices: int, latency_ms: int, ire_item_ms: int, *defender_args: str
+                     ) -> tuple[str, str]:
+    """ServiceNow and an OT sensor (``bench-sensor``, ``devices`` devices) as subprocesses (appended to
+    ``procs``), with connections ``servicenow_default`` and ``defender_bench`` pointing at them."""
+    sn_proc, sn_url = start("include.simulators.servicenow_sim", "--latency-ms", str(latency_ms),
+                            "--ire-item-ms", str(ire_item_ms))
+    procs.append(sn_proc)
+    def_proc, def_url = start("include.simulators.defender_sim", "--mode", "sensor", "--devices", str(devices),
+                              "--name", "bench-sensor", *defender_args)
+    procs.append(def_proc)
+    from include.simulators.defender_sim import SIM_TOKEN
+    from include.simulators.servicenow_sim import SIM_PASSWORD, SIM_USER
+
+    os.environ["AIRFLOW_CONN_SERVICENOW_DEFAULT"] = json.dumps(
+        {"conn_type": "servicenow", "host": sn_url, "login": SIM_USER, "password": SIM_PASSWORD})
+    os.environ["AIRFLOW_CONN_DEFENDER_BENCH"] = json.dumps(
+        {"conn_type": "defender_iot", "host": def_url, "password": SIM_TOKEN,
+         "extra": {"appliance": "sensor", "name": "bench-sensor"}})
+    return sn_url, def_url
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     procs = []
     try:
-        sn_proc, sn_url = start("include.simulators.servicenow_sim", "--latency-ms", str(ARGS.latency_ms),
-                                "--ire-item-ms", str(ARGS.ire_item_ms))
-        procs.append(sn_proc)
-        def_proc, def_url = start("include.simulators.defender_sim", "--mode", "sensor", "--devices",
-                                  str(ARGS.devices), "--name", "bench-sensor")
-        procs.append(def_proc)
-        from include.simulators.defender_sim import SIM_TOKEN
-        from include.simulators.servicenow_sim import SIM_PASSWORD, SIM_USER
-
-        os.environ["AIRFLOW_CONN_SERVICENOW_DEFAULT"] = json.dumps(
-            {"conn_type": "servicenow", "host": sn_url, "login": SIM_USER, "password": SIM_PASSWORD})
-        os.environ["AIRFLOW_CONN_DEFENDER_BENCH"] = json.dumps(
-            {"conn_type": "defender_iot", "host": def_url, "password": SIM_TOKEN,
-             "extra": {"appliance": "sensor", "name": "bench-sensor"}})
+        sn_url, def_url = start_simulators(procs, ARGS.devices, ARGS.latency_ms, ARGS.ire_item_ms)
         from defender_servicenow.mapping import load_class_mapping
         from defender_servicenow.sync import MemoryStateStore
 

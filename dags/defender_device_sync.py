@@ -38,6 +38,9 @@ MATCH_BY_NAME = settings.sync_match_by_name()   # opt-in: devices without serial
 SN_COOLDOWN = settings.servicenow_auth_cooldown_minutes()
 DEFENDER_COOLDOWN = settings.defender_auth_cooldown_minutes()
 AIRFLOW_API_CONN_ID = settings.airflow_api_conn_id()   # optional: write the summary as the run's note
+SYNC_RELATIONS = settings.sync_relations()                     # opt-out for very large networks
+RELATION_RETENTION_DAYS = settings.relation_retention_days()   # a connection unseen this long loses its relation
+CVE_MIN_SCORE = settings.cve_min_score()                       # CVEs below this CVSS score are not recorded
 IRE_BATCH_SIZE = 100      # items per IRE request
 IRE_RENAME_BATCH_SIZE = 1000   # rename items (name + source key, a few hundred bytes) per IRE request
 IRE_PARALLEL = 4          # IRE requests in flight per source
@@ -74,6 +77,13 @@ Identification and Reconciliation Engine (connection `{SERVICENOW_CONN_ID}`). Ru
 * Devices deleted on the source are retired in ServiceNow (install status Retired), never deleted:
   management console deletions at once, sensor devices after {RETIRE_AFTER_MISSING_RUNS} consecutive
   successful syncs without them (`DEFENDER_RETIRE_AFTER_MISSING_RUNS`). A failed extraction retires nothing.
+* After the devices, per source and each in its own task (a failure there never stops the devices):
+  `sync_sensors` (sensors -> `cmdb_ci_nids` CIs, each device CI *Detected by* its sensor) and
+  `sync_relations` (device connections -> *Connects to* relations between two device CIs of the same source;
+  {"on" if SYNC_RELATIONS else "off: DEFENDER_SYNC_RELATIONS=false"}; removed after {RELATION_RETENTION_DAYS}
+  days unseen, `DEFENDER_RELATION_RETENTION_DAYS`) and `sync_cves` (each device's CVEs scoring at least
+  {CVE_MIN_SCORE:g}, `DEFENDER_CVE_MIN_SCORE`: Vulnerability Response items when the instance has them, else
+  key values on the CI; a CVE that disappears is closed, not deleted).
 """
 
 
@@ -188,8 +198,65 @@ def defender_device_sync():
                                          extra={**result, "finished_at": pendulum.now("UTC").isoformat()})
         return result
 
+    def run_depth(kind: str, source: str, params, asset_state_store) -> dict:
+        """One CMDB depth engine (``cmdb_depth``) for one source, with the device task's failure handling."""
+        from airflow.sdk import get_current_context
+        from defender_servicenow.cmdb_depth.runner import build_engine
+        from defender_servicenow.cmdb_depth.state import record_depth_failure
+        from defender_servicenow.hooks.lockout import AuthGuard
+        from defender_servicenow.hooks.servicenow import ServiceNowHook
+        from defender_servicenow.sources import source_for
+        from defender_servicenow.sync import max_value_bytes
+
+        context = get_current_context()
+        context["defender_source"] = source
+        store = asset_state_store[SYNC_STATE]
+
+        def failed(message: str) -> str:
+            log.error(message)
+            if not params["dry_run"]:
+                record_depth_failure(store, source, kind, _failure(context, message))
+            return message
+
+        try:
+            auth = asset_state_store[AUTH]
+            src = source_for(source, auth_guard=AuthGuard(auth, "defender", source,
+                                                          cooldown_minutes=DEFENDER_COOLDOWN))
+            servicenow = ServiceNowHook(SERVICENOW_CONN_ID, auth_guard=AuthGuard(
+                auth, "servicenow", SERVICENOW_CONN_ID, cooldown_minutes=SN_COOLDOWN))
+            summary = build_engine(
+                kind, source=src, servicenow=servicenow, state_store=store, source_name=settings.source_name(),
+                data_source=settings.data_source(), full_resync=bool(params["full_resync"]),
+                dry_run=bool(params["dry_run"]), max_items=IRE_BATCH_SIZE, max_value_bytes=max_value_bytes(),
+                retire_after_missing_runs=RETIRE_AFTER_MISSING_RUNS, sync_relations=SYNC_RELATIONS,
+                retention_days=RELATION_RETENTION_DAYS, cve_min_score=CVE_MIN_SCORE).run()
+        except NOT_RETRYABLE as exc:
+            raise AirflowFailException(failed(f"{kind.capitalize()} of {source} failed: {exc}")) from None
+        except AirflowNotFoundException as exc:
+            raise AirflowFailException(failed(f"{kind.capitalize()} of {source} failed: {exc}")) from None
+        except IntegrationError as exc:
+            raise AirflowException(failed(f"{kind.capitalize()} of {source} failed: {exc}")) from None
+        except Exception as exc:
+            failed(f"{kind.capitalize()} of {source} failed: {type(exc).__name__}")
+            raise
+        return summary.as_dict()
+
+    # After the devices (whose CIs they join), each in its own task: a failure here never stops devices.
+    @task(retries=1, trigger_rule="all_done", inlets=[SYNC_STATE, AUTH], map_index_template="{{ defender_source }}")
+    def sync_sensors(source: str, params=None, asset_state_store=None) -> dict:
+        return run_depth("sensors", source, params, asset_state_store)
+
+    @task(retries=1, trigger_rule="all_done", inlets=[SYNC_STATE, AUTH], map_index_template="{{ defender_source }}")
+    def sync_relations(source: str, params=None, asset_state_store=None) -> dict:
+        return run_depth("relations", source, params, asset_state_store)
+
+    @task(retries=1, trigger_rule="all_done", inlets=[SYNC_STATE, AUTH], map_index_template="{{ defender_source }}")
+    def sync_cves(source: str, params=None, asset_state_store=None) -> dict:
+        return run_depth("cves", source, params, asset_state_store)
+
     @task(retries=0, trigger_rule="all_done", inlets=[SYNC_STATE])   # report what synced even when some failed
-    def report(results, params=None, dag_run=None, asset_state_store=None) -> str:
+    def report(results, depth=None, params=None, dag_run=None, asset_state_store=None) -> str:
+        from defender_servicenow.cmdb_depth.runner import depth_problems
         from defender_servicenow.sync import run_failures
 
         results = [r for r in results or [] if r]
@@ -210,8 +277,13 @@ def defender_device_sync():
             problems.append(f"{source} ({reason})")
         line = (f"{len(results)} source(s) synced{' (dry run: nothing written)' if params['dry_run'] else ''}: "
                 + ", ".join(f"{k} {v}" for k, v in totals.items()))
+        depth_failed = depth_problems(asset_state_store[SYNC_STATE] if asset_state_store is not None else None,
+                                      selected, depth or {}, run_id)
         if problems:
             line += f"; FAILED: {len(failures)} source(s): " + "; ".join(problems)
+        if depth_failed:
+            line += f"; FAILED: {len(depth_failed)} CMDB depth task(s): " + "; ".join(depth_failed)
+            problems += depth_failed
         if AIRFLOW_API_CONN_ID and dag_run is not None:
             from defender_servicenow.run_note import set_run_note
 
@@ -222,7 +294,13 @@ def defender_device_sync():
         log.info(line)
         return line
 
-    report(sync_source.expand(source=select_sources()))
+    sources = select_sources()
+    devices = sync_source.expand(source=sources)
+    sensors = sync_sensors.expand(source=sources)
+    relations = sync_relations.expand(source=sources)
+    cves = sync_cves.expand(source=sources)
+    devices >> [sensors, relations, cves]
+    report(devices, depth={"sensors": sensors, "relations": relations, "cves": cves})
 
 
 defender_device_sync()

@@ -40,7 +40,8 @@ def test_dag_imports_with_defaults(monkeypatch):
     assert set(dag.params) == {"full_resync", "dry_run", "sources"}
     assert dag.params["full_resync"] is False and dag.params["dry_run"] is False and dag.params["sources"] == []
     assert "Enable Sync" in dag.doc_md and "pause" in dag.doc_md.lower()
-    assert {t.task_id for t in dag.tasks} == {"select_sources", "sync_source", "report"}
+    assert {t.task_id for t in dag.tasks} == {"select_sources", "sync_source", "sync_sensors", "sync_relations",
+                                              "sync_cves", "report"}
     sync = dag.get_task("sync_source")
     assert sync.retries >= 1 and sync.retry_exponential_backoff
 
@@ -126,7 +127,9 @@ def test_sensor_architecture_two_sensors(airflow_db, monkeypatch, defender_sim_f
 
     first = run_dag()                                     # 1. the first sync creates the CIs
     assert task_states(first) == {"select_sources": "success", "sync_source[0]": "success",
-                                  "sync_source[1]": "success", "report": "success"}
+                                  "sync_source[1]": "success", "report": "success",
+                                  **{f"{t}[{i}]": "success" for t in ("sync_sensors", "sync_relations", "sync_cves")
+                                     for i in (0, 1)}}
     ci1, ci2 = cis(sn, "dagtest_sensor_1"), cis(sn, "dagtest_sensor_2")
     assert len(ci1) >= 28 and len(ci2) >= 18
     (event,) = last_sync_events("dagtest_sensor_1")
@@ -184,7 +187,8 @@ def test_management_console_rerun_after_outage_duplicates_nothing(airflow_db, mo
     ok = run_dag()
     assert task_states(ok)["sync_source[0]"] == "success"
     written = cis(sn, "dagtest_cm")
-    assert len(written) == len(sn.select("cmdb_ci_hardware")) >= 240         # one CI per device, no duplicates
+    devices_cis = [c for c in sn.select("cmdb_ci_hardware") if c.get("sys_class_name") != "cmdb_ci_nids"]
+    assert len(written) == len(devices_cis) >= 240         # one CI per device (sensors are NIDS CIs), no duplicates
     assert all(written[k]["sys_id"] == ci["sys_id"] for k, ci in partial.items())
     event = last_sync_events("dagtest_cm")[-1]
     assert event["inserted"] == len(written) - len(partial) and event["failed"] == 0

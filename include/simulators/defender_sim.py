@@ -80,6 +80,7 @@ class DefenderSimConfig:
     name: str = "sensor-1"
     anchor_ms: int | None = None         # generated times lie before this (default: when the simulator starts)
     version: str = "22.2.5.7-r-2121448"
+    links_per_device: float = 0          # extra device-to-device connections per device (on top of chain + hubs)
 
 
 class ApiError(Exception):
@@ -149,7 +150,8 @@ class DefenderSimulator:
         self.mode = config.mode
         self.anchor_ms = config.anchor_ms if config.anchor_ms is not None else now_ms() // 1000 * 1000
         sensors = config.sensors if self.mode == "management_console" else 1
-        self.inventory = inv.Inventory(config.devices, config.seed, sensors=sensors, anchor_ms=self.anchor_ms)
+        self.inventory = inv.Inventory(config.devices, config.seed, sensors=sensors, anchor_ms=self.anchor_ms,
+                                       links_per_device=config.links_per_device)
         self.topology = self.inventory.topology
         self._lock = threading.RLock()
         self._updated: dict[int, dict] = {}
@@ -776,6 +778,39 @@ def create_app(config: DefenderSimConfig | None = None) -> FastAPI:
                             "u_dest_device_id": dst["id"]})
             return {"u_count": len(found), "u_connections": out}
 
+        @api.get("/external/v3/integration/devicecves/{timestamp}")
+        def v3_device_cves(timestamp: str, request: Request):
+            ts = _int(timestamp, "timestamp", minimum=0)
+            page = _int(q(request, "page"), "page", minimum=0) or 0
+            size = _int(q(request, "size"), "size", minimum=1) or 50
+            raw_score = q(request, "score")
+            try:
+                score = float(raw_score) if raw_score not in (None, "") else 0.0
+            except ValueError:
+                raise ApiError(400, f"Invalid value for score: {raw_score}") from None
+            wanted = _ids(q(request, "deviceIds"), "deviceIds")
+            ids = sim._filter_ids(updated_after=ts, sensors=_ids(q(request, "sensorId"), "sensorId"))
+            found = []
+            for device_id in ids:
+                if device_id > sim.inventory.n or (wanted is not None and device_id not in wanted):
+                    continue
+                cves = [c for c in sim.inventory.cves(device_id) if float(c[1]) >= score]
+                record = sim.device(device_id) if cves else None
+                if record is not None:
+                    found.append((record, cves))
+            out = []
+            for record, cves in found[page * size:(page + 1) * size]:
+                ip = (record.get("ipAddresses") or [None])[0]
+                macs = [{"u_mac_address": m} for m in record.get("macAddresses") or []]
+                out.append({"u_id": record["id"], "u_name": record["name"],
+                            "u_ip_address_objects": [{"u_ip_address": i, "u_guessed_mac_addresses": macs[:1]}
+                                                     for i in record.get("ipAddresses") or []],
+                            "u_mac_address_objects": macs, "u_last_activity": record["lastActivity"],
+                            "u_last_update": record["lastUpdate"],
+                            "u_cves": [{"u_cve_id": c, "u_score": sc, "u_ip_address": ip, "u_description": d,
+                                        "u_attack_vector": v} for c, sc, v, d in cves]})
+            return {"u_count": len(found), "u_device_cves": out}
+
         @api.get("/external/v3/integration/deleteddevices/{timestamp}")
         def v3_deleted(timestamp: str):
             return [{"u_id": i} for i in sim.deleted_since(_int(timestamp, "timestamp", minimum=0))]
@@ -865,10 +900,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token", default=SIM_TOKEN)
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
+    parser.add_argument("--links-per-device", type=float, default=0,
+                        help="extra device-to-device connections per device (on top of the chain and hubs)")
     args = parser.parse_args(argv)
     config = DefenderSimConfig(mode=args.mode, token=args.token, devices=args.devices, seed=args.seed,
                                sensors=args.sensors, alerts=args.alerts, alert_interval_s=args.alert_interval,
-                               latency_ms=args.latency_ms, name=args.name)
+                               latency_ms=args.latency_ms, name=args.name, links_per_device=args.links_per_device)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     scheme = "https" if args.tls_cert else "http"
     log.info("Defender for IoT simulator (%s, %d devices) on %s://127.0.0.1:%d", args.mode, args.devices, scheme,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import math
 import random
 from array import array
 from collections.abc import Iterator
@@ -292,12 +293,17 @@ def _format_mac(value: int, style: str) -> str:
     return ":".join(pairs)
 
 
+# Extra device-to-device links (``Inventory(links_per_device=)``, e.g. for the relations benchmark).
+LINK_OFFSETS = (7, 13, 29, 61, 113, 227, 449, 887)
+
+
 class Inventory:
     """A device inventory of ``n`` generated devices (ids 1..n), built on demand from ``(seed, id)``."""
 
     def __init__(self, n: int, seed: int = 1, *, sensors: int = 1, anchor_ms: int = 1_735_689_600_000,
-                 with_sample: bool = True):
+                 with_sample: bool = True, links_per_device: float = 0):
         self.n, self.seed, self.sensors, self.anchor_ms = n, seed, max(1, sensors), anchor_ms
+        self.links_per_device = max(0.0, min(float(links_per_device), len(LINK_OFFSETS)))
         self.with_sample = with_sample
         self.topology = topology(self.sensors)
         # Compact per-device columns (index 0 unused) used for filtering without building devices.
@@ -451,7 +457,18 @@ class Inventory:
             out.append(hub)
         else:
             out.extend(range(device_id + 1, min(device_id + 50, self.n + 1)))
+        for j, offset in enumerate(LINK_OFFSETS[:math.ceil(self.links_per_device)]):
+            if device_id + offset <= self.n and self._extra_link(device_id, j):
+                out.append(device_id + offset)
+            if device_id - offset >= 1 and self._extra_link(device_id - offset, j):
+                out.append(device_id - offset)
         return sorted(set(out))
+
+    def _extra_link(self, lower: int, j: int) -> bool:
+        """Whether the extra link ``lower`` -- ``lower + LINK_OFFSETS[j]`` exists (``links_per_device``
+        extra links per device on average; a property of the link, so both ends agree)."""
+        whole = int(self.links_per_device)
+        return j < whole or (lower * 2654435761 + j * 97) % 1000 < (self.links_per_device - whole) * 1000
 
     def connection(self, first: int, second: int) -> dict:
         rng = random.Random(f"{self.seed}:conn:{min(first, second)}:{max(first, second)}")

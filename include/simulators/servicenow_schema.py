@@ -9,7 +9,7 @@ _OT_CONTROL = ("plc", "dcs", "dpu", "cnc", "ied", "rtu", "qics", "scada_server",
 _OT_SUPERVISORY = ("hmi", "ews", "historian", "opc_client", "scada_client")
 _OT_FIELD = ("industrial_actuator", "industrial_drive", "industrial_robot", "industrial_sensor")
 _HARDWARE_CHILDREN = ("computer", "netgear", "iot", "ot", "printer", "ip_phone", "ip_camera", "ups", "hvac",
-                      "game_console", "stv", "handheld_computing", "incomplete_ip", "nids", "plc", "hmi",
+                      "game_console", "stv", "handheld_computing", "incomplete_ip", "plc", "hmi",
                       "manufacturing", "unclassed_hardware")
 PARENTS: dict[str, str] = {
     "incident": "task", "sn_si_incident": "task", "sn_si_task": "task",
@@ -25,6 +25,7 @@ PARENTS: dict[str, str] = {
     **{f"cmdb_ci_ot_{c}": "cmdb_ci_ot_supervisory" for c in _OT_SUPERVISORY},
     **{f"cmdb_ci_ot_{c}": "cmdb_ci_ot_field_device" for c in _OT_FIELD},
     "cmdb_ci_ot_system_service": "cmdb_ci_ot_system",
+    "cmdb_ci_nids": "cmdb_ci_ids_network",   # defender-api.md §8.3: NIDS extends cmdb_ci_ids_network
 }
 STANDARD_TABLES = sorted({*PARENTS, *PARENTS.values(), "cmdb_serial_number", "sys_object_source", "sys_choice",
                           "u_defender_iot_alert", "task_ci", "sys_user", "sys_user_group", "cmdb_rel_ci",
@@ -73,6 +74,8 @@ OWN_COLUMNS: dict[str, tuple[str, ...]] = {
     "core_company": _SYS + ("name", "manufacturer", "vendor"),
     "cmn_location": _SYS + ("name",),
     "cmdb_rel_ci": _SYS + ("parent", "child", "type", "connection_strength"),
+    "cmdb_ci_nids": ("nids_source_name", "network_type_assignment", "isa_entity_site", "zone", "connection_state",
+                     "validated", "life_cycle_stage", "life_cycle_stage_status", "source_name"),
     "cmdb_rel_type": _SYS + ("name", "parent_descriptor", "child_descriptor"),
     "sys_journal_field": _SYS + ("name", "element", "element_id", "value"),
     "sys_dictionary": _SYS + ("name", "element", "column_label", "internal_type", "max_length", "active"),
@@ -126,7 +129,8 @@ DISCOVERY_SOURCES = ("Other Automated", "ServiceNow", "SCCM", "Manual via IRE", 
                      "ImportSet", "ServiceNowCloud")
 REL_TYPES = ("IP Connection::IP Connection", "Runs on::Runs", "Connects to::Connected by",
              "Contains::Contained by", "Depends on::Used by", "Members::Member of", "Managed by::Manages",
-             "Sends data to::Receives data from")
+             "Sends data to::Receives data from",
+             "Detects::Detected by")   # ships with the NIDS class (CMDB CI Class Models): NIDS parent, CI child
 
 HIBERNATION_PAGE = """<html><head><title>Instance Hibernating page</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"></head>

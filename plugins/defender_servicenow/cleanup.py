@@ -69,15 +69,19 @@ DEPENDENTS = (
     ("cmdb_ot_entity", (("ot_device", "ci"),)),
     ("cmdb_key_value", (("configuration_item", "ci"),)),
     ("task_ci", (("task", "task"),)),  # affected CIs of our incidents
+    ("cmdb_rel_ci", (("parent", "ci"), ("child", "ci"))),  # relations of our CIs (cmdb_depth): sensor, connections
 )
 # Delete order: children first, then parents, our sys_object_source marker rows last, so whatever a failed
 # run leaves behind is still found by the next one.
 ALERT_ORDER = ("task_ci", "incident", "sn_si_incident")  # then the application table(s)
-DEVICE_ORDER = ("cmdb_ci_ip_address", "cmdb_ci_network_adapter", "cmdb_serial_number", "cmdb_ot_entity",
-                "cmdb_key_value", "cmdb_ci", "sys_object_source")
+VIT_TABLE = "sn_vul_vulnerable_item"   # Vulnerability Response items of our CVEs (cmdb_depth.cves), when present
+VIT_PREFIX = "defender-iot-cve:"
+VIT_CLOSE = {"state": "3", "close_notes": CLOSE_NOTES}
+DEVICE_ORDER = (VIT_TABLE, "cmdb_rel_ci", "cmdb_ci_ip_address", "cmdb_ci_network_adapter", "cmdb_serial_number",
+                "cmdb_ot_entity", "cmdb_key_value", "cmdb_ci", "sys_object_source")
 DEPENDENT_FIELDS = {"cmdb_ci_network_adapter": "name", "cmdb_ci_ip_address": "ip_address",
                     "cmdb_serial_number": "serial_number", "cmdb_ot_entity": "ot_correlation_id",
-                    "cmdb_key_value": "key", "task_ci": "ci_item"}
+                    "cmdb_key_value": "key", "task_ci": "ci_item", "cmdb_rel_ci": "type"}
 
 IN_CHUNK = 50  # sys_ids per ...IN query (keeps URLs well under 2048 characters)
 BATCH_SIZE = 100  # requests per Batch API call (30 s quota per batch)
@@ -210,6 +214,12 @@ def _prefixes(params: CleanupParams) -> list[str]:
     return [f"{source}:" for source in params.sources] or [""]
 
 
+def _ci_prefixes(params: CleanupParams) -> list[str]:
+    """CI key prefixes: per requested source its devices' and its sensors' (``sensor:<source>:``,
+    cmdb_depth.sensors), or the empty prefix (everything)."""
+    return [p for source in params.sources for p in (f"{source}:", f"sensor:{source}:")] or [""]
+
+
 def find_records(hook, params: CleanupParams, source_name: str | None = None,
                  application_tables: Iterable[str] = (APPLICATION_TABLE,)) -> Found:
     """Read everything the plan needs. Only reads; tables the instance lacks are noted, not fatal."""
@@ -217,13 +227,13 @@ def find_records(hook, params: CleanupParams, source_name: str | None = None,
     application_tables = list(dict.fromkeys(application_tables))
     found = Found()
     if params.devices:
-        for prefix in _prefixes(params):
+        for prefix in _ci_prefixes(params):
             query = f"name={source_name}" + (f"^idSTARTSWITH{prefix}" if prefix else "")
             found.source_rows += _read(hook, "sys_object_source", query,
                                        ["sys_id", "name", "id", "target_sys_id", "target_table", "sys_updated_on"])
         # Belt and braces: never act on a row that is not ours, whatever the server's query parser did.
         found.source_rows = [r for r in found.source_rows if r.get("name") == source_name
-                             and any(str(r.get("id", "")).startswith(p) for p in _prefixes(params))]
+                             and any(str(r.get("id", "")).startswith(p) for p in _ci_prefixes(params))]
         targets = {_ref(r.get("target_sys_id")) for r in found.source_rows} - {""}
         ci_fields = ["sys_id", "name", "sys_class_name", "install_status", "operational_status", "sys_updated_on"]
         found.cis = {ci["sys_id"]: ci for ci in _read_in(hook, "cmdb_ci", "sys_id", targets, ci_fields)
@@ -234,6 +244,16 @@ def find_records(hook, params: CleanupParams, source_name: str | None = None,
         markers = _read_in(hook, "sys_object_source", "target_sys_id", found.cis, ["target_sys_id", "name", "id"])
         found.shared = {_ref(r.get("target_sys_id")) for r in markers
                         if (r.get("name"), r.get("id")) not in selected and _ref(r.get("target_sys_id")) in found.cis}
+        try:   # optional: only instances with Vulnerability Response have the table
+            rows = []
+            for prefix in _prefixes(params):
+                rows += _read(hook, VIT_TABLE, f"correlation_idSTARTSWITH{VIT_PREFIX}{prefix}"
+                                               f"^correlation_display={CORRELATION_DISPLAY}",
+                              ["sys_id", "number", "state", "correlation_id", "correlation_display", "sys_updated_on"])
+            found.tasks[VIT_TABLE] = [r for r in rows if r.get("correlation_display") == CORRELATION_DISPLAY
+                                      and str(r.get("correlation_id", "")).startswith(VIT_PREFIX)]
+        except ServiceNowInvalidTableError:
+            log.debug("No table %s on this instance: no CVE items of ours", VIT_TABLE)
     if params.alerts:
         if params.mode == "retire":
             found.close_code = pick_close_code(hook)
@@ -402,6 +422,17 @@ def build_plan(found: Found, params: CleanupParams, now: datetime | None = None)
                 plans["cmdb_ci"].already += 1
             else:
                 act("cmdb_ci", ci, label, url_table, dict(RETIRED))
+    if params.devices and found.tasks.get(VIT_TABLE):
+        plans[VIT_TABLE].verb = "delete" if delete else "close"
+        for row in found.tasks[VIT_TABLE]:
+            if not _old_enough(row, cutoff):
+                continue
+            if delete:
+                act(VIT_TABLE, row, row.get("number", ""))
+            elif str(row.get("state", "")) == VIT_CLOSE["state"]:
+                plans[VIT_TABLE].already += 1
+            else:
+                act(VIT_TABLE, row, row.get("number", ""), body=dict(VIT_CLOSE))
     if params.alerts:
         for table, done_states, close in (("incident", INCIDENT_DONE_STATES, INCIDENT_CLOSE),
                                           ("sn_si_incident", SIR_DONE_STATES, SIR_CLOSE)):

@@ -199,3 +199,36 @@ def defender_auth_cooldown_minutes(environ: dict | None = None) -> float:
     """``DEFENDER_AUTH_COOLDOWN_MINUTES``: the same for a Defender connection's API token. Default 30."""
     return _number("DEFENDER_AUTH_COOLDOWN_MINUTES", environ, default=DEFAULT_AUTH_COOLDOWN_MINUTES,
                    minimum=1, maximum=1440, integer=False, unit="minutes")
+
+
+# --- CMDB depth (issue 15): sensors, relations
+DEFAULT_RELATION_RETENTION_DAYS = 90
+
+
+def _flag(name: str, environ: dict | None, default: bool) -> bool:
+    raw = _env(name, environ)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfigError(f"{name} must be true or false, not {raw!r} (default {str(default).lower()})")
+    return value in ("true", "1", "yes")
+
+
+def sync_relations(environ: dict | None = None) -> bool:
+    """``DEFENDER_SYNC_RELATIONS`` (default true): device connections become ``cmdb_rel_ci`` relations.
+    Turn it off for very large networks; existing relations are then left as they are."""
+    return _flag("DEFENDER_SYNC_RELATIONS", environ, True)
+
+
+def relation_retention_days(environ: dict | None = None) -> int:
+    """``DEFENDER_RELATION_RETENTION_DAYS``: a relation whose connection was not seen for this many days is
+    removed; integer 1 to 3650, default 90."""
+    return _number("DEFENDER_RELATION_RETENTION_DAYS", environ, default=DEFAULT_RELATION_RETENTION_DAYS,
+                   minimum=1, maximum=3650, integer=True, unit="days")
+
+
+def cve_min_score(environ: dict | None = None) -> float:
+    """``DEFENDER_CVE_MIN_SCORE``: CVEs scoring below this (CVSS 0 to 10) are not recorded; default 0."""
+    return _number("DEFENDER_CVE_MIN_SCORE", environ, default=0.0, minimum=0, maximum=10, integer=False,
+                   unit="CVSS points")

@@ -27,6 +27,9 @@ class Source(Protocol):
     * ``retires_missing``: a device missing from ``iter_devices`` for N syncs is retired (a sensor's or
       Azure's inventory; a console reports its deletions instead).
     * ``aggregates_sensors``: alerts come from several sensors (per-sensor progress in the health data).
+
+    Optional capabilities (CMDB depth, ``cmdb_depth``): ``iter_sensors()`` with ``device_sensor_key(device)``
+    (which sensor sees a device), and ``supports_connections`` with ``iter_connections()``.
     """
 
     source_id: str
@@ -95,6 +98,47 @@ class ApplianceSource:
     def get_sensors(self) -> list[dict]:
         return self.hook.get_sensors() if self.kind == "management_console" else []
 
+    # CMDB depth: a sensor connection is itself the one sensor of its devices; a console lists its sensors.
+    supports_connections = True
+
+    def iter_sensors(self):
+        from defender_servicenow.cmdb_depth.models import appliance_sensor, parse_v3_sensor
+
+        if self.kind == "management_console":
+            return [parse_v3_sensor(raw, self.source_id) for raw in self.hook.get_sensors()]
+        return [appliance_sensor(self.name, self.hook.base_url)]
+
+    def device_sensor_key(self, device: Device) -> str | None:
+        if self.kind == "management_console":
+            return None if device.sensor_id is None else str(device.sensor_id)
+        return "appliance"
+
+    def iter_connections(self):
+        from defender_servicenow.cmdb_depth.models import parse_sensor_connection, parse_v3_connection
+
+        if self.kind == "management_console":
+            return (parse_v3_connection(raw, self.source_id) for raw in self.hook.iter_v3_connections(0))
+        return (parse_sensor_connection(raw, self.source_id) for raw in self.hook.iter_device_connections())
+
+    supports_cves = True
+
+    def iter_device_cves(self, min_score: float = 0):
+        """(device id, its CVEs): the console's v3 device CVEs; a sensor's CVEs are keyed by IP, so they go
+        to every device of the inventory with that IP."""
+        from defender_servicenow.cmdb_depth.models import parse_v3_device_cves, sensor_cves_by_ip
+
+        if self.kind == "management_console":
+            yield from (parse_v3_device_cves(raw, self.source_id)
+                        for raw in self.hook.iter_v3_device_cves(0, min_score or None))
+            return
+        by_ip = sensor_cves_by_ip(self.hook.iter_device_cves())
+        if not by_ip:
+            return
+        for device in self.hook.iter_devices():
+            found = [c for ip in getattr(device, "ip_addresses", ()) for c in by_ip.get(ip, ())]
+            if found:
+                yield device.id, found
+
     def test_connection(self) -> tuple[bool, str]:
         return self.hook.test_connection()
 
@@ -134,6 +178,26 @@ class AzureSource:
 
     def get_sensors(self) -> list[dict]:
         return self.hook.get_sensors()
+
+    # CMDB depth: sensors from Resource Graph; Azure publishes no device-to-device connections.
+    supports_connections = False
+
+    def iter_sensors(self):
+        from defender_servicenow.cmdb_depth.models import parse_azure_sensor
+
+        return [parse_azure_sensor(raw, self.source_id) for raw in self.hook.get_sensors()]
+
+    def device_sensor_key(self, device: Device) -> str | None:
+        return device.sensor_name.lower() if device.sensor_name else None
+
+    def iter_connections(self):
+        return iter(())
+
+    # Resource Graph's device vulnerabilities are not read yet (see README, CMDB depth).
+    supports_cves = False
+
+    def iter_device_cves(self, min_score: float = 0):
+        return iter(())
 
     def test_connection(self) -> tuple[bool, str]:
         return self.hook.test_connection()

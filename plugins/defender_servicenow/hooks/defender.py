@@ -368,17 +368,33 @@ class DefenderIoTHook(BaseHook):
                           "(deleted meanwhile?); skipped", len(extras), src)
 
     def _iter_v3_devices(self, since_ms: int, sensor_id: str | None = None) -> Iterator[Any]:
+        yield from self._iter_v3_pages(f"/external/v3/integration/devices/{since_ms}", "u_devices",
+                                       {"sensorId": sensor_id} if sensor_id else {})
+
+    def iter_v3_connections(self, since_ms: int = 0) -> Iterator[dict]:
+        """Management console connections updated after ``since_ms`` (raw ``u_src_device_id`` /
+        ``u_dest_device_id`` / ``u_connection_type`` objects), every page."""
+        self._require(MANAGEMENT_CONSOLE, "Device connections (v3 integration API)")
+        path = f"/external/v3/integration/connections/{int(since_ms)}"
+        yield from (c for c in self._iter_v3_pages(path, "u_connections", {}) if isinstance(c, dict))
+
+    def iter_v3_device_cves(self, since_ms: int = 0, min_score: float | None = None) -> Iterator[dict]:
+        """Management console device CVEs (raw ``u_id`` / ``u_cves`` records) of devices updated after
+        ``since_ms``; ``min_score`` is the console's ``score`` filter (>=)."""
+        self._require(MANAGEMENT_CONSOLE, "Device CVEs (v3 integration API)")
+        path = f"/external/v3/integration/devicecves/{int(since_ms)}"
+        extra = {"score": min_score} if min_score else {}
+        yield from (c for c in self._iter_v3_pages(path, "u_device_cves", extra) if isinstance(c, dict))
+
+    def _iter_v3_pages(self, path: str, list_key: str, extra: dict[str, Any]) -> Iterator[Any]:
         page, read = 0, 0
         while True:
-            params: dict[str, Any] = {"page": page, "size": self.page_size}
-            if sensor_id:
-                params["sensorId"] = sensor_id
-            path = f"/external/v3/integration/devices/{since_ms}"
+            params: dict[str, Any] = {"page": page, "size": self.page_size, **extra}
             body = self._json("GET", path, params=params)
-            if not isinstance(body, dict) or not isinstance(body.get("u_devices"), list):
-                raise DefenderBadResponseError(f"{self.base_url} answered {path} without a 'u_devices' list; "
+            if not isinstance(body, dict) or not isinstance(body.get(list_key), list):
+                raise DefenderBadResponseError(f"{self.base_url} answered {path} without a '{list_key}' list; "
                                                f"it starts with {_first(json.dumps(body)[:80].encode())}")
-            items = body["u_devices"]
+            items = body[list_key]
             total = body.get("u_count")
             yield from items
             read += len(items)

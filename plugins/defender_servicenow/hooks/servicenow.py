@@ -578,8 +578,11 @@ class ServiceNowHook(BaseHook):
     # ----------------------------------------------------------------------------------- IRE
 
     def identify_reconcile(self, items: list[dict], data_source: str, *, enhanced: bool = False,
-                           options: dict | str | None = None, dry_run: bool = False) -> dict:
+                           options: dict | str | None = None, dry_run: bool = False,
+                           relations: list[dict] | None = None) -> dict:
         """Create or update CIs through the IRE; return the ``result`` object (items aligned with input).
+
+        ``relations``: the IRE's ``relations`` (``{"parent": i, "child": j, "type": "<cmdb_rel_type name>"}``).
 
         The IRE answers 200 even when items fail: see :func:`ire_item_errors`. ``dry_run`` uses the
         ``/query`` endpoints, which report the operations without committing.
@@ -593,7 +596,10 @@ class ServiceNowHook(BaseHook):
         if options:
             params["options"] = options if isinstance(options, str) else ",".join(
                 f"{k}:{str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items())
-        data, resp = self._request("POST", path, params=params, json_body={"items": items})
+        body: dict = {"items": items}
+        if relations:
+            body["relations"] = relations
+        data, resp = self._request("POST", path, params=params, json_body=body)
         result = (data or {}).get("result")
         if not isinstance(result, dict):
             raise ServiceNowBadResponseError(f"POST {path}: the answer has no result object",
