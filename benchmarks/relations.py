@@ -84,7 +84,7 @@ def main() -> None:
 
         state = MemoryStateStore()
         t0 = time.perf_counter()
-        DeviceSync(source="defender_bench", defender=DefenderIoTHook("defender_bench"),
+        DeviceSync(source="defender_bench", defender=ApplianceSource(DefenderIoTHook("defender_bench")),
                    servicenow=ServiceNowHook("servicenow_default"), state_store=state, mapping=load_class_mapping(),
                    source_name=settings.source_name(), data_source=settings.data_source(), batch_size=100,
                    parallel=4).run()

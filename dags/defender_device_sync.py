@@ -206,7 +206,7 @@ def defender_device_sync():
         from defender_servicenow.hooks.lockout import AuthGuard
         from defender_servicenow.hooks.servicenow import ServiceNowHook
         from defender_servicenow.sources import source_for
-        from defender_servicenow.sync import max_value_bytes
+        from defender_servicenow.sync_state import max_value_bytes
 
         context = get_current_context()
         context["defender_source"] = source
@@ -259,7 +259,10 @@ def defender_device_sync():
         from defender_servicenow.cmdb_depth.runner import depth_problems
         from defender_servicenow.sync import run_failures
 
-        results = [r for r in results or [] if r]
+        # One slice reads every mapped result in one request; iterating a lazy XCom sequence probes one past
+        # its end and logs "XCom not found" at ERROR in a run that may be fine.
+        results = [r for r in (results[:] if results else []) if r]
+        depth = {kind: list(seq[:]) if seq else [] for kind, seq in (depth or {}).items()}
         totals = {name: sum(r[name] for r in results) for name in
                   ("seen", "inserted", "updated", "unchanged", "retired", "skipped", "failed")}
         for r in results:

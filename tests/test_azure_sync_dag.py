@@ -51,14 +51,17 @@ def test_the_device_s_own_hardware_model_and_serial_win_over_its_modules():
 
 
 @pytest.mark.airflow_db
-def test_device_sync_dag_with_an_azure_source(airflow_db, monkeypatch, azure_sim_factory, servicenow_conn):
+def test_device_sync_dag_with_an_azure_source(airflow_db, monkeypatch, azure_sim_factory, servicenow_conn, capfd):
     az = azure_sim_factory("dagtest_azure_sync", devices=80, alerts=0, quota=1000)
     monkeypatch.setenv("DEFENDER_SOURCES", "dagtest_azure_sync")
     monkeypatch.setenv("DEFENDER_RETIRE_AFTER_MISSING_RUNS", "2")
     sn, mapping = servicenow_conn.sim, load_class_mapping()
 
     first = run_dag()                                      # 1. the first sync creates one CI per device
-    assert task_states(first) == {"select_sources": "success", "sync_source[0]": "success", "report": "success"}
+    assert task_states(first) == {"select_sources": "success", "sync_source[0]": "success", "report": "success",
+                                  **{f"{t}[0]": "success" for t in ("sync_sensors", "sync_relations", "sync_cves")}}
+    captured = capfd.readouterr()   # the report reads the mapped results without an ERROR line for a fine run
+    assert "XCom not found" not in captured.out + captured.err
     (event,) = last_sync_events("dagtest_azure_sync")
     active = [d for d in az.sim.devices if d["properties"]["deviceStatus"] == "Active"]
     assert event["seen"] == len(active) == 78 and event["failed"] == 0     # devices 37 and 74 are Removed/Deleted

@@ -115,7 +115,7 @@ def engines(source_id: str, store, **kw):
     source = ApplianceSource(DefenderIoTHook(source_id))
     common = dict(source=source, servicenow=servicenow, state_store=store, source_name=SOURCE_NAME,
                   data_source="Other Automated")
-    devices = DeviceSync(source=source_id, defender=source.hook, servicenow=servicenow, state_store=store,
+    devices = DeviceSync(source=source_id, defender=source, servicenow=servicenow, state_store=store,
                          mapping=load_class_mapping(), source_name=SOURCE_NAME, data_source="Other Automated",
                          batch_size=50, parallel=2)
     return devices, SensorSync(**common, **kw.pop("sensor_kw", {})), RelationSync(**common, **kw)
@@ -301,10 +301,9 @@ def test_azure_sensors_become_cis_and_devices_join_the_sensor_named_on_them(azur
     sn = servicenow_conn.sim
     store = MemoryStateStore()
     servicenow = ServiceNowHook("servicenow_default", max_retry_time=2)
-    hook = DefenderIoTAzureHook("depth_azure")
-    DeviceSync(source="depth_azure", defender=hook, servicenow=servicenow, state_store=store,
+    source = AzureSource(DefenderIoTAzureHook("depth_azure"))
+    DeviceSync(source="depth_azure", defender=source, servicenow=servicenow, state_store=store,
                mapping=load_class_mapping(), source_name=SOURCE_NAME, data_source="Other Automated").run()
-    source = AzureSource(hook)
     common = dict(source=source, servicenow=servicenow, state_store=store, source_name=SOURCE_NAME,
                   data_source="Other Automated")
     s = SensorSync(**common).run()
