@@ -129,17 +129,16 @@ def defender_alert_forwarding():
             raise AirflowFailException(str(exc)) from None
         return report.as_dict()
 
-    forwarded = forward_alerts.expand(source=SOURCES)
+    forward_alerts.expand(source=SOURCES)
 
     if HANDLE_ON_CLOSE:
-        @task(inlets=[ALERTS, AUTH], retries=3, retry_delay=timedelta(minutes=1), retry_exponential_backoff=True,
-              trigger_rule="all_done")
+        # Beside the forwarding, not after it: both are leaves, so a failed forward_alerts still fails the run
+        # (a run's state comes from its leaves), and the closed loop never waits for another source's retries.
+        @task(inlets=[ALERTS, AUTH], retries=3, retry_delay=timedelta(minutes=1), retry_exponential_backoff=True)
         def handle_closed_alerts(params=None, asset_state_store=None) -> list[str]:
-            from airflow.sdk.exceptions import AirflowFailException
-
             """Closed loop: alerts of incidents closed in ServiceNow are handled on the management console
             or closed in Azure."""
-            from airflow.sdk.exceptions import AirflowException
+            from airflow.sdk.exceptions import AirflowException, AirflowFailException
             from defender_servicenow.closeloop import handle_closed_alerts as run_close_loop
             from defender_servicenow.hooks.lockout import AuthGuard
             from defender_servicenow.hooks.servicenow import ServiceNowHook
@@ -157,6 +156,9 @@ def defender_alert_forwarding():
             if any(r.credentials_rejected for r in reports):   # a 401 is not retried: it could lock the user out
                 raise AirflowFailException("Credentials were rejected while handling alerts of closed incidents "
                                            "(not retried): " + "; ".join(f for r in reports for f in r.failures[:5]))
+            if any(r.misconfigured for r in reports):   # a setting must change first: retrying cannot help
+                raise AirflowFailException("The closed loop cannot run until a setting changes (not retried): "
+                                           + "; ".join(f for r in reports if r.misconfigured for f in r.failures[:1]))
             if any(r.forbidden for r in reports):   # a missing role: retrying cannot help
                 raise AirflowFailException("The source refused to change alerts of closed incidents (not "
                                            "retried): " + "; ".join(f for r in reports if r.forbidden
@@ -166,7 +168,7 @@ def defender_alert_forwarding():
                                        + "; ".join(f for r in reports for f in r.failures[:5]))
             return [r.line() for r in reports]
 
-        forwarded >> handle_closed_alerts()
+        handle_closed_alerts()
 
 
 defender_alert_forwarding()

@@ -7,6 +7,7 @@ session's metadata DB) of one test never leak into another.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -154,3 +155,24 @@ def test_closed_loop_handles_alerts_of_closed_incidents(airflow_db, defender_sim
         "state": "7", "close_code": "Solved (Permanently)", "close_notes": "done"})
     assert run(dag).state == "success"
     assert [d.sim.alert_by_uuid(a["uuid"])["state"] for a in alerts] == ["handled", "unhandled"]
+
+
+def test_a_failed_source_fails_the_run_with_the_closed_loop_on(airflow_db, defender_sim_factory, servicenow_conn,
+                                                               monkeypatch, tmp_path):
+    """The closed loop is a leaf beside the forwarding, not its only downstream leaf: a source whose forwarding
+    failed makes the run failed even though the closed loop succeeded (a run's state comes from its leaves)."""
+    defender_sim_factory(mode="management_console", alerts=0, conn_id="defender_dag_loop_ok")
+    monkeypatch.setenv("AIRFLOW_CONN_DEFENDER_DAG_LOOP_DOWN", json.dumps({
+        "conn_type": "defender_iot", "host": "http://127.0.0.1:9", "password": "b" * 32,
+        "extra": {"appliance": "management_console"}}))
+    monkeypatch.setenv("DEFENDER_HANDLE_ALERTS_ON_CLOSE", "handle")
+    dag = load_dag(monkeypatch, tmp_path, "defender_dag_loop_ok,defender_dag_loop_down", [
+        {"name": "dag-loop-down", "actions": [{"type": "servicenow", "report_type": "incidents"}]}])
+    for task in dag.tasks:
+        task.retries = 0
+    dagrun = run(dag)
+    states = {(ti.task_id, ti.map_index): str(getattr(ti.state, "value", ti.state))
+              for ti in dagrun.get_task_instances()}
+    assert states[("handle_closed_alerts", -1)] == "success"
+    assert states[("forward_alerts", 1)] == "failed" and states[("forward_alerts", 0)] == "success"
+    assert dagrun.state == "failed"

@@ -162,3 +162,25 @@ def test_incidents_under_the_previous_key_are_handled_with_a_bounded_listing(for
     assert d.sim.alert_by_uuid(alerts[2]["uuid"])["state"] == "handled"
     hours_back = (datetime.now(timezone.utc) - seen[0]).total_seconds() / 3600
     assert seen[0] is not None and 24 < hours_back < 24.1
+
+
+def test_without_an_integration_user_the_closed_loop_refuses_to_act(forwarded, monkeypatch):
+    """With client credentials and an empty Login the loop cannot tell our incidents from anyone's: an incident
+    another user created with one of our correlation ids must not handle its alert. The loop refuses, plainly."""
+    import json
+
+    from tests.fixtures.servicenow import SIM_CLIENT_ID, SIM_CLIENT_SECRET
+
+    d, sn, rules, state, alerts, incidents = forwarded
+    monkeypatch.setenv("AIRFLOW_CONN_SN_LOOP_CC", json.dumps({
+        "conn_type": "servicenow", "host": sn.url, "extra": {
+            "auth_type": "oauth_client_credentials", "client_id": SIM_CLIENT_ID, "client_secret": SIM_CLIENT_SECRET}}))
+    target = incidents[str(alerts[0]["id"])]
+    with sn.sim.lock:
+        sn.sim.get(target["sys_id"])["sys_created_by"] = "mallory"   # someone else's incident, our key
+    close(target)
+    (report,) = handle_closed_alerts(rules, state, [CONN], action="handle", defender_hook=source_for,
+                                     servicenow_hook=lambda conn: ServiceNowHook("sn_loop_cc"))
+    assert report.misconfigured and report.handled == 0
+    assert "names no user" in report.failures[0] and "Login" in report.failures[0]
+    assert d.sim.alert_by_uuid(alerts[0]["uuid"])["state"] == "unhandled"

@@ -29,6 +29,7 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 
 from defender_servicenow import settings
 from defender_servicenow.exceptions import (
+    ConfigError,
     DefenderAuthError,
     DefenderError,
     DefenderForbiddenError,
@@ -69,6 +70,7 @@ class CloseLoopReport:
     ignored: int = 0           # closed incidents not ours, or closed by the clean-up DAG
     credentials_rejected: bool = False   # a 401/403: not retried (it could lock the user out)
     forbidden: bool = False   # the source refused the action (a missing role): not retried
+    misconfigured: bool = False   # a setting must change first (e.g. no integration user): not retried
 
     def line(self) -> str:
         if self.skipped:
@@ -109,8 +111,9 @@ def handle_closed_alerts(rules: RuleSet, state: StateStore, sources: Sequence[st
             for conn, table in destinations:
                 key = scan_key(source, conn, table)
                 hook = servicenow_hook(conn)
+                user = _integration_user(hook, conn)
                 every = _closed_since(hook, table, source, state.get(key) or sn_time(now - window))
-                rows = [row for row in every if _ours_closed_by_a_person(hook, row)]
+                rows = [row for row in every if _ours_closed_by_a_person(user, row)]
                 report.ignored += len(every) - len(rows)
                 if not rows:
                     if every:
@@ -132,6 +135,7 @@ def handle_closed_alerts(rules: RuleSet, state: StateStore, sources: Sequence[st
         except (IntegrationError, DefenderError, AirflowNotFoundException) as exc:
             report.failures.append(str(exc))
             report.credentials_rejected |= isinstance(exc, (DefenderAuthError, ServiceNowAuthError))
+            report.misconfigured |= isinstance(exc, ConfigError)
         log.info("Closed loop %s", report.line())
         for failure in report.failures[:20]:
             log.error("Closed loop %s: %s", source, failure)
@@ -147,13 +151,25 @@ def _closed_since(hook, table: str, source: str, watermark: str) -> list[dict]:
                               "sys_created_on", "close_notes"])
 
 
-def _ours_closed_by_a_person(hook, row: dict) -> bool:
-    """Created by this integration (``sys_created_by`` = the connection's user, when it has one) and not
-    closed by the clean-up DAG (which closes with its own close notes)."""
+def _integration_user(hook, conn: str) -> str:
+    """The ServiceNow user the integration writes as: the closed loop acts only on incidents that user
+    created. Without one (client credentials with an empty Login) any user could make the loop act, so refuse."""
+    user = getattr(getattr(hook, "settings", None), "username", None)
+    if not user:
+        raise ConfigError(
+            f"ServiceNow connection {conn!r} names no user, so the closed loop cannot tell the incidents this "
+            "integration created (sys_created_by) from anyone else's. Set the connection's Login to the user it "
+            "writes as (with auth_type oauth_client_credentials: the OAuth application user of the client), "
+            "then run again")
+    return user
+
+
+def _ours_closed_by_a_person(user: str, row: dict) -> bool:
+    """Created by this integration (``sys_created_by`` = the connection's user) and not closed by the clean-up
+    DAG (which closes with its own close notes)."""
     if str(row.get("close_notes") or "").startswith(CLEANUP_CLOSE_NOTES_PREFIX):
         return False
-    user = getattr(getattr(hook, "settings", None), "username", None)
-    return not user or row.get("sys_created_by") == user
+    return row.get("sys_created_by") == user
 
 
 def _earliest_alert_time(rows: Sequence[dict], window: timedelta):
