@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from defender_servicenow.azure_models import VULNERABILITY_TYPE, parse_azure_device, stable_id
 from defender_servicenow.cmdb_depth.cves import CORRELATION_PREFIX, VIT, CveSync
 from defender_servicenow.cmdb_depth.models import Cve, parse_azure_vulnerability
@@ -172,3 +173,26 @@ def test_azure_cves_with_vulnerability_response_are_vulnerable_items_of_the_devi
     mine = [v for v in sn.table(VIT) if v["correlation_id"].split(":")[2] == str(device_key)]
     assert len(sn.table(VIT)) == len(vits) and {v["state"] for v in mine} == {"3"} and all(v["close_notes"]
                                                                                            for v in mine)
+
+
+# --------------------------------------------------------------------------- the DAG with an Azure source
+
+@pytest.mark.airflow_db
+def test_device_sync_dag_records_azure_cves_above_the_minimum_score(airflow_db, monkeypatch, azure_sim_factory,
+                                                                    vr_conn, capfd):
+    from tests.test_device_sync_dag import run_dag, task_states
+
+    az = azure_sim_factory("dagtest_azure_cves", devices=160, alerts=0, quota=1000)
+    monkeypatch.setenv("DEFENDER_SOURCES", "dagtest_azure_cves")
+    monkeypatch.setenv("DEFENDER_CVE_MIN_SCORE", "9.5")
+    sn = vr_conn.sim
+    first = run_dag()
+    assert set(task_states(first).values()) == {"success"}
+    synced = _synced_devices(az, "dagtest_azure_cves")
+    wanted = {(key, c[0]) for i, key in synced.items() for c in az.sim.inventory.cves(i) if float(c[1]) >= 9.5}
+    got = {(int(v["correlation_id"].split(":")[2]), v["correlation_id"].split(":")[3]) for v in sn.table(VIT)}
+    assert got == wanted and len(wanted) > 3 and {v["state"] for v in sn.table(VIT)} == {"1"}
+    out, err = capfd.readouterr()
+    assert "azure sources: CVEs are not read" not in out + err
+    before = writes(sn)
+    assert set(task_states(run_dag()).values()) == {"success"} and writes(sn) == before   # no change, no write
