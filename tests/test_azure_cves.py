@@ -194,3 +194,34 @@ def test_device_sync_dag_records_azure_cves_above_the_minimum_score(airflow_db, 
     assert got == wanted and len(wanted) > 3 and {v["state"] for v in sn.table(VIT)} == {"1"}
     before = writes(sn)
     assert set(task_states(run_dag()).values()) == {"success"} and writes(sn) == before   # no change, no write
+
+
+def test_simulator_serves_vulnerabilities_through_the_resource_graph_contract(azure_sim_factory):
+    import requests
+
+    from tests.test_azure_simulator import _query, _token
+
+    az = azure_sim_factory(devices=2000, alerts=0, quota=1000)
+    token = _token(az.url).json()["access_token"]
+    query = f"iotsecurityresources | where type =~ '{VULNERABILITY_TYPE}' | project id, name, type, properties"
+    seen, options = [], {"$top": 150, "resultFormat": "objectArray"}
+    while True:
+        page = _query(az.url, token, query + " | order by id asc", options).json()
+        assert page["resultTruncated"] == "false" and page["count"] <= 150
+        seen += page["data"]
+        if "$skipToken" not in page:
+            break
+        options = {**options, "$skipToken": page["$skipToken"]}
+    assert len(seen) == len(az.sim.vulnerabilities) == page["totalRecords"] > 150
+    assert {r["type"] for r in seen} == {VULNERABILITY_TYPE}
+    one = seen[0]["properties"]["deviceId"]
+    mine = _query(az.url, token, query + f" | where properties.deviceId =~ '{one.upper()}'",
+                  {"resultFormat": "objectArray"}).json()
+    assert mine["count"] >= 1 and {r["properties"]["deviceId"] for r in mine["data"]} == {one}
+    no_id = _query(az.url, token, f"iotsecurityresources | where type =~ '{VULNERABILITY_TYPE}' | project name",
+                   {"$top": 10, "resultFormat": "objectArray"}).json()
+    assert no_id["resultTruncated"] == "true" and "$skipToken" not in no_id
+    assert _query(az.url, token, query + " | summarize count() by properties.deviceId").status_code == 400
+    gone = az.sim.patch_device(7)                          # devices 7, 27, 47, ... have CVEs
+    state = requests.get(f"{az.url}/_sim/state", timeout=10).json()
+    assert len(gone) == len(az.sim.inventory.cves(7)) > 0 and state["vulnerabilities"] == len(seen) - len(gone)
