@@ -20,7 +20,8 @@ and the ARM alert PATCH, on one loopback FastAPI app.
 
 Inventories are generated from :class:`include.simulators.inventory.Inventory` (same hard cases as the
 appliance simulator: invalid MAC / IP, no NIC, non-ASCII and very long names, several IPs, IPv6), converted
-to the ARG record shape, plus Removed/Deleted devices every ``removed_every`` ids and one record without an
+to the ARG record shape, with their CVEs as ``…/devicegroups/vulnerabilities`` records
+(:mod:`include.simulators.azure_vulns`), plus Removed/Deleted devices every ``removed_every`` ids and one record without an
 ``id`` per ``broken_every`` ids. Fault injection: ``POST /_sim/faults`` (``fail_next`` = ``{"status",
 "count"}``, ``throttle_next`` count of 429s, ``latency_ms``); ``GET /_sim/counters``, ``GET /_sim/state``; ``POST /_sim/alerts``
 (``{"count": n, <alert properties>}``: n alerts starting now).
@@ -48,6 +49,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from include.simulators.azure_vulns import vulnerability_records
 from include.simulators.inventory import SEVERITIES as _APPLIANCE_SEVERITIES
 from include.simulators.inventory import Inventory
 
@@ -192,6 +194,8 @@ class AzureSimulator:
         self.devices = [self._device(i) for i in range(1, config.devices + 1)]
         self.alerts = [self._alert(i) for i in range(1, config.alerts + 1)]
         self.alert_by_path = {a["id"].lower(): a for a in self.alerts}
+        self.vulnerabilities = [v for i, d in enumerate(self.devices, 1)
+                                for v in vulnerability_records(d, self.inventory.cves(i), anchor=self.anchor)]
 
     # ----------------------------------------------------------------------- records
     def _base(self, kind: str, group: str, name: str) -> str:
@@ -298,6 +302,14 @@ class AzureSimulator:
         with self._lock:
             return self.devices.pop(index - 1)
 
+    def patch_device(self, index: int) -> list[dict]:
+        """Device ``index`` (1-based) is patched: its vulnerability records leave Resource Graph (returned)."""
+        device_id = self.devices[index - 1].get("id")
+        with self._lock:
+            gone = [v for v in self.vulnerabilities if v["properties"].get("deviceId") == device_id]
+            self.vulnerabilities = [v for v in self.vulnerabilities if v["properties"].get("deviceId") != device_id]
+        return gone
+
     def add_alert(self, **properties) -> dict:
         with self._lock:
             alert = self._alert(len(self.alerts) + 1)
@@ -347,7 +359,7 @@ class AzureSimulator:
         top = options.get("$top")
         if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 1 <= top <= 1000):
             raise _BadQuery(f"$top must be an integer from 1 to 1000, got {top!r}")
-        rows = [r for r in (*self.devices, *self.alerts, *self.sensors, *self.sites)
+        rows = [r for r in (*self.devices, *self.alerts, *self.sensors, *self.sites, *self.vulnerabilities)
                 if r.get("subscriptionId") in scope]
         columns = None
         limit = None
@@ -530,7 +542,8 @@ def create_app(config: AzureSimConfig | None = None) -> FastAPI:
 
     @app.get("/_sim/state")
     async def state():
-        return {"devices": len(sim.devices), "alerts": len(sim.alerts), "sensors": len(sim.sensors)}
+        return {"devices": len(sim.devices), "alerts": len(sim.alerts), "sensors": len(sim.sensors),
+                "vulnerabilities": len(sim.vulnerabilities)}
 
     @app.post("/_sim/alerts")
     async def raise_alerts(request: Request):

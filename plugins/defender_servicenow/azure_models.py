@@ -43,6 +43,7 @@ DEVICE_TYPE = "microsoft.iotsecurity/locations/devicegroups/devices"
 ALERT_TYPE = "microsoft.iotsecurity/locations/devicegroups/alerts"
 SENSOR_TYPE = "microsoft.iotsecurity/locations/sites/sensors"
 SITE_TYPE = "microsoft.iotsecurity/locations/sites"
+VULNERABILITY_TYPE = "microsoft.iotsecurity/locations/devicegroups/vulnerabilities"
 
 SEVERITY_MAP = {"informational": "Warning", "low": "Minor", "medium": "Major", "high": "Critical"}
 """Azure alert severity (case-insensitive) -> the rule model's severity."""

@@ -193,11 +193,22 @@ class AzureSource:
     def iter_connections(self):
         return iter(())
 
-    # Resource Graph's device vulnerabilities are not read yet (see README, CMDB depth).
-    supports_cves = False
+    # CVEs: Resource Graph's device vulnerabilities, one record per device and CVE.
+    supports_cves = True
 
     def iter_device_cves(self, min_score: float = 0):
-        return iter(())
+        """(device id, its CVEs) per device, the id the device sync keys the device by (``stable_id`` of its
+        ARM id); unusable records as ``InvalidRecord``. ``min_score`` is applied by the CVE sync (counted)."""
+        from defender_servicenow.cmdb_depth.models import parse_azure_vulnerability
+
+        by_device: dict[int, list] = {}
+        for raw in self.hook.iter_vulnerabilities():
+            record = parse_azure_vulnerability(raw, self.source_id)
+            if isinstance(record, InvalidRecord):
+                yield record
+            else:
+                by_device.setdefault(record[0], []).append(record[1])
+        yield from by_device.items()
 
     def test_connection(self) -> tuple[bool, str]:
         return self.hook.test_connection()

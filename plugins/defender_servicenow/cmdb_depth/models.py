@@ -183,3 +183,30 @@ def sensor_cves_by_ip(raws: Any) -> dict[str, list[Cve]]:
         if ip and cve:
             out.setdefault(ip, []).append(cve)
     return out
+
+
+def parse_azure_vulnerability(raw: Any, source: str) -> tuple[int, Cve] | InvalidRecord:
+    """An ARG ``…/devicegroups/vulnerabilities`` record -> (device key, its CVE).
+
+    The device key is the one the device sync gives the device (``azure_models.stable_id`` of its ARM id):
+    ``properties.deviceId`` is the device's ARM id (what ServiceNow's own Azure Vulnerability Response
+    integration looks the CI up by); a bare device name is read as ``<the record's device group>/devices/<name>``.
+    ``vulnerabilityId`` -> id, ``severityScore`` (else ``score``) -> score, ``description``; no attack vector.
+    """
+    from defender_servicenow.azure_models import stable_id
+
+    props = raw.get("properties") if isinstance(raw, dict) else None
+    rid = _text(raw.get("id")) if isinstance(raw, dict) else None
+    cve_id = _text(props.get("vulnerabilityId")) if isinstance(props, dict) else None
+    device = _text(props.get("deviceId")) if isinstance(props, dict) else None
+    if not cve_id or not device:
+        return InvalidRecord(source=source, record_id=None if rid is None else rid[-64:],
+                             reason="an Azure vulnerability record needs properties.deviceId and vulnerabilityId")
+    if not device.startswith("/"):
+        if not rid or "/vulnerabilities/" not in rid.lower():
+            return InvalidRecord(source=source, record_id=None if rid is None else rid[-64:],
+                                 reason=f"deviceId {device[:64]!r} is not an ARM id and the record's own id "
+                                        "names no device group")
+        device = f"{rid[:rid.lower().rindex('/vulnerabilities/')]}/devices/{device}"
+    score = props.get("severityScore") if props.get("severityScore") is not None else props.get("score")
+    return stable_id(device), Cve(cve_id.upper(), _score(score), None, _text(props.get("description")))

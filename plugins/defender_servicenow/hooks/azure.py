@@ -29,6 +29,7 @@ from defender_servicenow.azure_models import (
     ALERT_TYPE,
     DEVICE_TYPE,
     SENSOR_TYPE,
+    VULNERABILITY_TYPE,
     parse_azure_alert,
     parse_azure_device,
     stable_id,
@@ -470,6 +471,12 @@ class DefenderIoTAzureHook(BaseHook):
             wanted = {x.lower() for x in s.sites}
             sensors = [x for x in sensors if str((x.get("properties") or {}).get("site", "")).lower() in wanted]
         return sensors
+
+    def iter_vulnerabilities(self) -> Iterator[dict]:
+        """Device vulnerabilities (``…/devicegroups/vulnerabilities``) as raw ARG records, streamed; not
+        narrowed by the sites / sensors extras (they carry no sensor: the CVE sync keeps those of this
+        source's devices)."""
+        return self.iter_resources(build_query(VULNERABILITY_TYPE))
 
     def set_alert_status(self, resource_id: str, status: str = "Closed") -> dict:
         """PATCH the alert's status (New, InProgress, Closed); needs Security Admin."""
