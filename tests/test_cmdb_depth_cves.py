@@ -10,6 +10,7 @@ import pytest
 from defender_servicenow.cmdb_depth.cves import CORRELATION_PREFIX, VIT, CveSync, cve_digest, plan_cves
 from defender_servicenow.cmdb_depth.models import Cve, parse_v3_device_cves, sensor_cves_by_ip
 from defender_servicenow.cmdb_depth.state import device_cis
+from defender_servicenow.cmdb_depth.summary import DepthIncompleteError
 from defender_servicenow.models import InvalidRecord
 from defender_servicenow.sources import ApplianceSource
 from defender_servicenow.sync import MemoryStateStore
@@ -205,3 +206,15 @@ def test_a_changed_score_or_description_is_written_to_the_vulnerability_entry(de
     assert (entry["cvss_score"], entry["summary"]) == ("9.8", "new text")
     assert run.failed == 0 and run.counts["updated"] == 2 and writes(sn) == before + 1   # one entry, one PATCH
     assert cve_engine("cve_score", store, source=_Cves("cve_score", changed)).run().counts.get("updated") is None
+    # the entry row is gone (deleted on the instance, cannot be created now): the change is not counted as
+    # written, the run says so, and it is tried again next run
+    sn.set_faults(deny_writes=["sn_vul_entry"])
+    sn.delete(entry["sys_id"])
+    later = {d: [Cve("CVE-2031-0001", 4.0, "NETWORK", "newer text")] for d in device_ids}
+    with pytest.raises(DepthIncompleteError, match="failed 2, .*no sn_vul_entry row could be found") as failed:
+        cve_engine("cve_score", store, source=_Cves("cve_score", later)).run()
+    assert "updated" not in str(failed.value)
+    sn.set_faults(deny_writes=False)
+    retried = cve_engine("cve_score", store, source=_Cves("cve_score", later)).run()
+    assert retried.failed == 0 and retried.counts["updated"] == 2
+    assert next(r for r in sn.table("sn_vul_entry") if r["id"] == "CVE-2031-0001")["cvss_score"] == "4.0"

@@ -166,6 +166,7 @@ class CveSync(DepthEngine):
         """CVE id -> ``sn_vul_entry`` sys_id; missing entries are created (id, summary, score)."""
         rows = self.servicenow.query_in(ENTRY, "id", sorted(cves), fields=["sys_id", "id"])
         out = {str(r.get("id", "")).upper(): r["sys_id"] for r in rows if r.get("sys_id")}
+        self._created_entries: set[str] = set()   # created with this run's score and description
         missing = [cves[c] for c in sorted(cves) if c not in out]
         if missing and not self.dry_run:
             answers = self.servicenow.batch([BatchRequest(
@@ -176,6 +177,7 @@ class CveSync(DepthEngine):
                 sys_id = _result(answer).get("sys_id")
                 if sys_id:
                     out[c.id] = sys_id
+                    self._created_entries.add(c.id)
                     summary.add("entries_created")
         return out
 
@@ -216,11 +218,16 @@ class CveSync(DepthEngine):
                 record = entry[_RECORD] if entry else ""
                 new = [cve_digest(c), record, 1, c.score]
                 if record and entry[_OPEN]:   # open already: the score or description changed
-                    if entry[_DIGEST] == new[_DIGEST] or c.id not in entries:   # (full resync: nothing to write)
+                    if entry[_DIGEST] == new[_DIGEST] or c.id in self._created_entries:   # nothing to write
                         targets.append((device_id, c.id, None, new, "updated"))
                         continue
+                    if c.id not in entries and not self.dry_run:   # kept as it was: retried next run
+                        summary.fail(f"CVE {c.id} of device {device_id}",
+                                     "its score or description changed, but no sn_vul_entry row could be found "
+                                     "or created to write them to")
+                        continue
                     if c.id not in changed:
-                        changed[c.id] = add("PATCH", f"/api/now/table/{ENTRY}/{entries[c.id]}", {
+                        changed[c.id] = add("PATCH", f"/api/now/table/{ENTRY}/{entries.get(c.id, '')}", {
                             "summary": (c.description or "")[:4000],
                             "cvss_score": "" if c.score is None else str(c.score)})
                     targets.append((device_id, c.id, changed[c.id], new, "updated"))
