@@ -3,11 +3,14 @@ key values on the CI; a CVE that disappears is closed, never deleted; minimum sc
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 from defender_servicenow.cmdb_depth.cves import CORRELATION_PREFIX, VIT, CveSync, cve_digest, plan_cves
 from defender_servicenow.cmdb_depth.models import Cve, parse_v3_device_cves, sensor_cves_by_ip
+from defender_servicenow.cmdb_depth.state import device_cis
+from defender_servicenow.cmdb_depth.summary import DepthIncompleteError
 from defender_servicenow.models import InvalidRecord
 from defender_servicenow.sources import ApplianceSource
 from defender_servicenow.sync import MemoryStateStore
@@ -43,13 +46,13 @@ def kv_rows(sn) -> dict[str, dict]:
     return {r["key"]: json.loads(r["value"]) for r in sn.table("cmdb_key_value") if r["key"].startswith("defender.cve.")}
 
 
-def cve_engine(source_id, store, **kw):
+def cve_engine(source_id, store, source=None, batch_size=100, **kw):
     from defender_servicenow.hooks.defender import DefenderIoTHook
     from defender_servicenow.hooks.servicenow import ServiceNowHook
 
-    return CveSync(source=ApplianceSource(DefenderIoTHook(source_id)),
-                   servicenow=ServiceNowHook("servicenow_default", max_retry_time=2), state_store=store,
-                   source_name=SOURCE_NAME, data_source="Other Automated", **kw)
+    return CveSync(source=source or ApplianceSource(DefenderIoTHook(source_id)),
+                   servicenow=ServiceNowHook("servicenow_default", max_retry_time=2, batch_size=batch_size),
+                   state_store=store, source_name=SOURCE_NAME, data_source="Other Automated", **kw)
 
 
 def test_without_vulnerability_response_cves_are_key_values_closed_not_deleted(defender_sim_factory,
@@ -144,3 +147,74 @@ def test_cleanup_closes_or_deletes_our_vulnerable_items_only(defender_sim_factor
         assert len(left) == ours + 1 and {r["state"] for k, r in left.items() if k != other["sys_id"]} == {"3"}
     else:
         assert list(left) == [other["sys_id"]]
+
+
+def test_a_run_failing_half_way_leaves_no_duplicate_vulnerable_items_after_the_rerun(defender_sim_factory, vr_conn):
+    """Batch calls of 4 items; the second vulnerable-item call fails (503 until the retries give up). What the
+    first call created is found again by correlation_id (and was recorded): the rerun creates the rest only."""
+    from defender_servicenow.exceptions import ServiceNowError
+
+    defender = defender_sim_factory(mode="management_console", devices=120, sensors=2, conn_id="cve_half")
+    sn = vr_conn.sim
+    store = MemoryStateStore()
+    engines("cve_half", store)[0].run()
+    for cve_id in sorted({c[0] for d in device_cis(store, "cve_half") for c in defender.sim.inventory.cves(d)}):
+        sn.insert("sn_vul_entry", {"id": cve_id, "name": cve_id})   # (so that every batch call is one of items)
+    sn.set_faults(fail_next={"status": 503, "count": 10**6, "path_prefix": "/api/now/v1/batch", "after": 1})
+    engine = cve_engine("cve_half", store, batch_size=4)
+    saved, batch = [], engine.servicenow.batch
+    engine.servicenow.batch = lambda requests, **kw: (saved.append(copy.deepcopy(store.data)), batch(requests, **kw))[1]
+    with pytest.raises(ServiceNowError):
+        engine.run()
+    sn.faults.fail_next.clear()
+    assert len(sn.table(VIT)) == 4
+    killed = MemoryStateStore(saved[-1])   # the store as a SIGKILL during the failing call leaves it
+    assert sum(bool(e[1]) for k, shard in killed.data.items() if k.startswith("cve_half/cves/0")
+               for cves in shard.values() for e in cves.values()) == 4   # saved after each call, not at the end
+    rerun = cve_engine("cve_half", killed, batch_size=4).run()
+    ids = [v["correlation_id"] for v in sn.table(VIT)]
+    assert rerun.failed == 0 and len(ids) == len(set(ids)) > 4 and rerun.counts["opened"] == len(ids) - 4
+    # no state at all (lost, or killed before the first save): the items are found by correlation_id
+    again = cve_engine("cve_half", MemoryStateStore({k: v for k, v in store.data.items() if "/cves/" not in k})).run()
+    assert again.counts["present"] == len(ids) and "opened" not in again.counts and len(sn.table(VIT)) == len(ids)
+
+
+class _Cves:
+    """A source reporting the CVEs it is given (the real Source's CVE capability, nothing else)."""
+
+    kind, supports_cves = "sensor", True
+
+    def __init__(self, source_id, cves):
+        self.source_id, self.cves = source_id, cves
+
+    def iter_device_cves(self, min_score):
+        yield from self.cves.items()
+
+
+def test_a_changed_score_or_description_is_written_to_the_vulnerability_entry(defender_sim_factory, vr_conn):
+    defender_sim_factory(mode="management_console", devices=20, sensors=1, conn_id="cve_score")
+    sn = vr_conn.sim
+    store = MemoryStateStore()
+    engines("cve_score", store)[0].run()
+    device_ids = sorted(device_cis(store, "cve_score"))[:2]
+    first = {d: [Cve("CVE-2031-0001", 5.0, "NETWORK", "old text")] for d in device_ids}
+    assert cve_engine("cve_score", store, source=_Cves("cve_score", first)).run().counts["opened"] == 2
+    before = writes(sn)
+    changed = {d: [Cve("CVE-2031-0001", 9.8, "NETWORK", "new text")] for d in device_ids}
+    run = cve_engine("cve_score", store, source=_Cves("cve_score", changed)).run()
+    entry = next(r for r in sn.table("sn_vul_entry") if r["id"] == "CVE-2031-0001")
+    assert (entry["cvss_score"], entry["summary"]) == ("9.8", "new text")
+    assert run.failed == 0 and run.counts["updated"] == 2 and writes(sn) == before + 1   # one entry, one PATCH
+    assert cve_engine("cve_score", store, source=_Cves("cve_score", changed)).run().counts.get("updated") is None
+    # the entry row is gone (deleted on the instance, cannot be created now): the change is not counted as
+    # written, the run says so, and it is tried again next run
+    sn.set_faults(deny_writes=["sn_vul_entry"])
+    sn.delete(entry["sys_id"])
+    later = {d: [Cve("CVE-2031-0001", 4.0, "NETWORK", "newer text")] for d in device_ids}
+    with pytest.raises(DepthIncompleteError, match="failed 2, .*no sn_vul_entry row could be found") as failed:
+        cve_engine("cve_score", store, source=_Cves("cve_score", later)).run()
+    assert "updated" not in str(failed.value)
+    sn.set_faults(deny_writes=False)
+    retried = cve_engine("cve_score", store, source=_Cves("cve_score", later)).run()
+    assert retried.failed == 0 and retried.counts["updated"] == 2
+    assert next(r for r in sn.table("sn_vul_entry") if r["id"] == "CVE-2031-0001")["cvss_score"] == "4.0"

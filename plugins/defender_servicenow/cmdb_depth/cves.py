@@ -6,7 +6,10 @@
   when the instance has none, e.g. without the NVD integration), ``correlation_id`` =
   ``defender-iot-cve:<conn id>:<device id>:<CVE>`` and ``correlation_display`` "Microsoft Defender for IoT"
   (how the clean-up finds them). Open = state 1; a CVE Defender no longer reports is closed (state 3,
-  close notes), never deleted; reported again, it is reopened.
+  close notes), never deleted; reported again, it is reopened. Before creating, items are looked up by
+  correlation_id (an item an interrupted run created is recorded, not created again); the requests go one
+  Batch API call at a time and the state is saved after each. A CVE whose score or description changed
+  while open gets its ``sn_vul_entry`` patched (summary, cvss_score: the entry holds them), once per CVE.
 * Otherwise: ``cmdb_key_value`` rows on the device CI (through the IRE's related entries), key
   ``defender.cve.<CVE>``, value JSON ``{"status": "open"|"closed", "score", "attack_vector",
   "description", "closed_on"}``.
@@ -163,6 +166,7 @@ class CveSync(DepthEngine):
         """CVE id -> ``sn_vul_entry`` sys_id; missing entries are created (id, summary, score)."""
         rows = self.servicenow.query_in(ENTRY, "id", sorted(cves), fields=["sys_id", "id"])
         out = {str(r.get("id", "")).upper(): r["sys_id"] for r in rows if r.get("sys_id")}
+        self._created_entries: set[str] = set()   # created with this run's score and description
         missing = [cves[c] for c in sorted(cves) if c not in out]
         if missing and not self.dry_run:
             answers = self.servicenow.batch([BatchRequest(
@@ -173,59 +177,120 @@ class CveSync(DepthEngine):
                 sys_id = _result(answer).get("sys_id")
                 if sys_id:
                     out[c.id] = sys_id
+                    self._created_entries.add(c.id)
                     summary.add("entries_created")
         return out
+
+    def _existing_items(self, correlation_ids: list[str]) -> dict[str, tuple[str, str]]:
+        """correlation_id -> (sys_id, state) of the vulnerable items that exist already (paged queries, split
+        by URL length): an item an interrupted run created is found again instead of created twice."""
+        if not correlation_ids:
+            return {}
+        rows = self.servicenow.query_in(VIT, "correlation_id", correlation_ids,
+                                        fields=["sys_id", "correlation_id", "state"])
+        out: dict[str, tuple[str, str]] = {}
+        for row in sorted(rows, key=lambda r: str(r.get("state")) == VIT_CLOSED):   # an open one first
+            if row.get("sys_id"):
+                out.setdefault(str(row.get("correlation_id")), (row["sys_id"], str(row.get("state", ""))))
+        return out
+
+    def _correlation_id(self, device_id: int, cve_id: str) -> str:
+        return f"{CORRELATION_PREFIX}{self.source_id}:{device_id}:{cve_id}"
 
     def _write_vr(self, plan, found, devices, state: DepthState, summary: DepthSummary) -> None:
         cves = {c.id: c for upsert, _ in plan.values() for c in upsert}
         entries = self._entries(cves, summary)
-        requests, targets = [], []
+        unrecorded = [self._correlation_id(d, c.id) for d, (upsert, _) in plan.items()
+                      for c in upsert if not ((state.get(str(d)) or {}).get(c.id) or ["", ""])[_RECORD]]
+        existing = self._existing_items(unrecorded)
+        requests: list[BatchRequest] = []
+        targets: list[tuple] = []   # (device id, CVE id, request or None, new state entry, count as)
+        changed: dict[str, BatchRequest] = {}   # CVE id -> the PATCH of its sn_vul_entry (score, description)
+
+        def add(method: str, url: str, body: dict) -> BatchRequest:
+            requests.append(BatchRequest(str(len(requests)), method, url, body))
+            return requests[-1]
+
         for device_id, (upsert, close) in plan.items():
             known = state.get(str(device_id)) or {}
             for c in upsert:
                 entry = known.get(c.id)
                 record = entry[_RECORD] if entry else ""
-                if record and entry[_OPEN]:   # open already; only the score or description changed
-                    targets.append((device_id, c.id, None, [cve_digest(c), record, 1, c.score]))
+                new = [cve_digest(c), record, 1, c.score]
+                if record and entry[_OPEN]:   # open already: the score or description changed
+                    if entry[_DIGEST] == new[_DIGEST] or c.id in self._created_entries:   # nothing to write
+                        targets.append((device_id, c.id, None, new, "updated"))
+                        continue
+                    if c.id not in entries and not self.dry_run:   # kept as it was: retried next run
+                        summary.fail(f"CVE {c.id} of device {device_id}",
+                                     "its score or description changed, but no sn_vul_entry row could be found "
+                                     "or created to write them to")
+                        continue
+                    if c.id not in changed:
+                        changed[c.id] = add("PATCH", f"/api/now/table/{ENTRY}/{entries.get(c.id, '')}", {
+                            "summary": (c.description or "")[:4000],
+                            "cvss_score": "" if c.score is None else str(c.score)})
+                    targets.append((device_id, c.id, changed[c.id], new, "updated"))
                     continue
-                if record:                    # closed earlier, reported again: reopen
-                    requests.append(BatchRequest(str(len(requests)), "PATCH", f"/api/now/table/{VIT}/{record}",
-                                                 {"state": VIT_OPEN}))
+                if not record and self._correlation_id(device_id, c.id) in existing:
+                    record, item_state = existing[self._correlation_id(device_id, c.id)]
+                    new[_RECORD] = record
+                    if item_state != VIT_CLOSED:   # created by an interrupted run: only recorded
+                        targets.append((device_id, c.id, None, new, "present"))
+                        continue
+                if record:                    # closed, reported again: reopen
+                    request = add("PATCH", f"/api/now/table/{VIT}/{record}", {"state": VIT_OPEN})
                 elif c.id not in entries and not self.dry_run:
                     summary.fail(f"CVE {c.id} of device {device_id}", "no sn_vul_entry row could be found or created")
                     continue
                 else:
-                    requests.append(BatchRequest(str(len(requests)), "POST", f"/api/now/table/{VIT}", {
+                    request = add("POST", f"/api/now/table/{VIT}", {
                         "cmdb_ci": devices[device_id][0], "vulnerability": entries.get(c.id, ""), "state": VIT_OPEN,
                         "short_description": f"{c.id} on {self.source_id} device {device_id}",
-                        "correlation_id": f"{CORRELATION_PREFIX}{self.source_id}:{device_id}:{c.id}",
-                        "correlation_display": CORRELATION_DISPLAY}))
-                targets.append((device_id, c.id, requests[-1], [cve_digest(c), record, 1, c.score]))
+                        "correlation_id": self._correlation_id(device_id, c.id),
+                        "correlation_display": CORRELATION_DISPLAY})
+                targets.append((device_id, c.id, request, new, "opened"))
             for cid in close:
                 entry = known[cid]
                 if not entry[_RECORD]:
-                    targets.append((device_id, cid, None, [entry[_DIGEST], "", 0, entry[_SCORE]]))
+                    targets.append((device_id, cid, None, [entry[_DIGEST], "", 0, entry[_SCORE]], "closed"))
                     continue
-                requests.append(BatchRequest(str(len(requests)), "PATCH", f"/api/now/table/{VIT}/{entry[_RECORD]}", {
+                request = add("PATCH", f"/api/now/table/{VIT}/{entry[_RECORD]}", {
                     "state": VIT_CLOSED, "close_notes": f"No longer reported by Microsoft Defender for IoT "
-                                                        f"({self.source_id}) on {self._today()}"}))
-                targets.append((device_id, cid, requests[-1], [entry[_DIGEST], entry[_RECORD], 0, entry[_SCORE]]))
+                                                        f"({self.source_id}) on {self._today()}"})
+                targets.append((device_id, cid, request, [entry[_DIGEST], entry[_RECORD], 0, entry[_SCORE]], "closed"))
         if self.dry_run:
             summary.add("would_write", len(requests))
             return
-        answers = {a.id: a for a in self.servicenow.batch(requests)} if requests else {}
-        for device_id, cve_id, request, entry in targets:
-            if request is not None:
-                answer = answers.get(request.id)
-                if answer is None or not answer.ok:
-                    summary.fail(f"CVE {cve_id} of device {device_id}",
-                                 f"{getattr(answer, 'status_code', '?')}: {getattr(answer, 'error_message', '')}")
-                    continue
+        self._send(requests, targets, state, summary)
+
+    def _send(self, requests: list[BatchRequest], targets: list[tuple], state: DepthState,
+              summary: DepthSummary) -> None:
+        """One Batch API call's worth of requests at a time; after each, the answers are recorded and the state
+        saved, so that a failing later call (or a kill) cannot make the next run create the items again."""
+        by_request: dict[str | None, list[tuple]] = {}
+        for target in targets:
+            by_request.setdefault(target[2].id if target[2] is not None else None, []).append(target)
+        for target in by_request.pop(None, []):
+            self._done(target, None, state, summary)
+        size = max(1, int(getattr(self.servicenow, "batch_size", 0) or self.max_items))
+        for start in range(0, len(requests), size):
+            for answer in self.servicenow.batch(requests[start:start + size]):
+                for target in by_request.get(answer.id, []):
+                    self._done(target, answer, state, summary)
+            state.save()
+
+    def _done(self, target: tuple, answer, state: DepthState, summary: DepthSummary) -> None:
+        device_id, cve_id, request, entry, count_as = target
+        if request is not None:
+            if answer is None or not answer.ok:
+                summary.fail(f"CVE {cve_id} of device {device_id}",
+                             f"{getattr(answer, 'status_code', '?')}: {getattr(answer, 'error_message', '')}")
+                return
+            if request.url.endswith(f"/{VIT}"):   # a created item: its sys_id
                 entry[_RECORD] = entry[_RECORD] or _result(answer).get("sys_id", "")
-                summary.add("opened" if entry[_OPEN] else "closed")
-            else:
-                summary.add("updated" if entry[_OPEN] else "closed")
-            self._record(state, device_id, cve_id, entry)
+        summary.add(count_as)
+        self._record(state, device_id, cve_id, entry)
 
 
 def _result(answer) -> dict:
