@@ -47,6 +47,7 @@ class AppliancePoller:
         settings = parse_defender_connection(conn, conn_id)   # the hook's own parser: same reading
         mask_secret(settings.token)
         self.path = "/external/v2/alerts" if settings.appliance == MANAGEMENT_CONSOLE else "/api/v2/alerts"
+        self.material = f"{settings.base_url}|{settings.token}"   # the lock-out guard's, as the hook's
         self.lookback_ms = lookback_ms
         self.client = httpx.AsyncClient(base_url=settings.base_url, headers={"Authorization": settings.token,
                                                                              "Accept": "application/json"},
@@ -57,6 +58,11 @@ class AppliancePoller:
         from defender_servicenow.triggers.alerts import new_alerts
 
         response = await self.client.get(self.path, params={"fromTime": int(watermark["time_ms"]) - self.lookback_ms})
+        if response.status_code in (401, 403):   # the API token is rejected: the trigger's lock-out guard stops
+            from defender_servicenow.exceptions import DefenderAuthError
+
+            raise DefenderAuthError(f"{self.path} answered HTTP {response.status_code} to the API token",
+                                    status=response.status_code)
         _raise_for(response)
         return new_alerts(response.json(), watermark)
 
@@ -75,6 +81,7 @@ class AzurePoller:
 
         self.settings = s = parse_azure_connection(conn_id, conn.login, conn.password, conn.extra_dejson)
         mask_secret(s.client_secret)
+        self.material = f"{s.authority}|{s.tenant_id}|{s.client_id}|{s.client_secret}"   # as the hook's guard
         self.lookback_ms, self.page_size = lookback_ms, page_size
         self.wait_s = 0.0
         self.requests = 0
