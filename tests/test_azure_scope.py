@@ -105,3 +105,21 @@ async def test_the_trigger_only_wakes_for_alerts_of_its_sites(azure_sim_factory)
         assert [i for _, i in found] == [stable_id(ours["id"])]
     finally:
         await poller.aclose()
+
+
+async def test_the_trigger_waits_for_the_quota_before_placing_alerts(azure_sim_factory):
+    probe = azure_sim_factory("az_scope_q_probe", devices=40, alerts=0, sensors=4)
+    site = probe.sim.devices[0]["properties"]["sensor"]["site"]
+    mine = next(d["id"] for d in probe.sim.devices if d["properties"]["sensor"]["site"] == site)
+    az = azure_sim_factory("az_scope_quota", devices=40, alerts=0, sensors=4, quota=1, quota_window=0.5,
+                           extra={"sites": [site]})
+    from airflow.sdk import BaseHook
+
+    poller = AzurePoller(await BaseHook.aget_connection(az.conn_id), az.conn_id, 600_000)
+    start = datetime.now(timezone.utc) - timedelta(seconds=5)
+    try:
+        ours = await asyncio.to_thread(add_alert, az.sim, "High", start + timedelta(seconds=1), DeviceResourceIds=mine)
+        found = await poller.poll({"time_ms": int(start.timestamp() * 1000), "ids": []})
+        assert [i for _, i in found] == [stable_id(ours["id"])] and az.sim.counters["throttled"] == 0
+    finally:
+        await poller.aclose()

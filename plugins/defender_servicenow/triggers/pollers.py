@@ -15,6 +15,7 @@ Both share the connection parsers of their hooks (``hooks/connections.py``, ``ho
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -124,6 +125,8 @@ class AzurePoller:
 
             new = [k for k in new if k[1] not in self._out_of_scope]
             raws = [by_key[k] for k in new]
+            if new and self.wait_s:   # the alerts query spent the quota: the device query waits for its reset
+                await asyncio.sleep(self.wait_s)
             scoped: set[str] = set()
             for q in scope_queries((i for raw in raws for i in alert_device_ids(raw)), s.sites, s.sensors):
                 scoped |= {str(r.get("id")).lower() for r in await self._records(q) if isinstance(r, dict)}
