@@ -78,7 +78,7 @@ def test_devices_paged_with_skiptoken(azure_sim_factory, sleeps):
 def test_small_pages_and_filters(azure_sim_factory, sleeps):
     sim = azure_sim_factory(devices=300, sensors=4, quota=100)
     hook = DefenderIoTAzureHook(sim.conn_id, page_size=100)
-    site = sim.sim.sensors[0]["properties"]["site"]
+    site = sim.sim.devices[0]["properties"]["sensor"]["site"]
     active = [d for d in sim.sim.devices if d["properties"]["deviceStatus"] == "Active"]
     assert len(list(hook.iter_devices())) == len(active)
     assert hook.request_count == (len(active) + 99) // 100

@@ -215,7 +215,7 @@ class AzureSimulator:
                 "location": self.config.location,
                 "properties": {"sensorStatus": "Ok", "sensorVersion": "25.2.1", "zone": t["zone_name"],
                                "connectivityTime": _iso(self.anchor - timedelta(minutes=1)),
-                               "learningMode": False, "sensorType": "Ot", "site": t["site_name"]}}
+                               "learningMode": False, "sensorType": "Ot"}}   # its site: only in its id
 
     def _device(self, i: int) -> dict:
         raw = self.inventory.device(i)
@@ -280,8 +280,7 @@ class AzureSimulator:
                 "extendedProperties": {
                     "SensorId": dprops.get("sensor", {}).get("name"), "DeviceResourceIds": device.get("id"),
                     "SourceDeviceAddress": nics[0].get("ipv4Address") or nics[0].get("macAddress"),
-                    "DestinationDeviceAddress": f"10.9.0.{i % 250 + 1}",
-                    "Site": dprops.get("sensor", {}).get("site"), "Zone": dprops.get("sensor", {}).get("zone")},
+                    "DestinationDeviceAddress": f"10.9.0.{i % 250 + 1}"},   # the reference's four, no site
             },
         }
 

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from defender_servicenow.azure_scope import site_segment
 from defender_servicenow.models import InvalidRecord, ms_to_datetime, normalize_ip, normalize_mac
 
 # Connection states that mean the sensor is not reporting (console v3 ``u_connection_state``, Azure
@@ -94,7 +95,7 @@ def parse_azure_sensor(raw: Any, source: str) -> Sensor | InvalidRecord:
     return Sensor(key=_text(raw["name"]).lower(), name=_text(raw["name"]), ip=normalize_ip(props.get("ip")),
                   mac=normalize_mac(props.get("mac")), fqdn=_text(props.get("hostname")),
                   version=_text(props.get("sensorVersion")), status=_text(props.get("sensorStatus")),
-                  zone=_text(props.get("zone")), site=_text(props.get("site")),
+                  zone=_text(props.get("zone")), site=_text(props.get("site")) or site_segment(raw.get("id")),
                   learning_mode=_bool(props.get("learningMode")))
 
 

@@ -29,6 +29,7 @@ from defender_servicenow.azure_models import (
     ALERT_TYPE,
     DEVICE_TYPE,
     SENSOR_TYPE,
+    SITE_TYPE,
     VULNERABILITY_TYPE,
     parse_azure_alert,
     parse_azure_device,
@@ -198,16 +199,16 @@ def _kql_list(values: tuple[str, ...]) -> str:
 
 
 def build_query(record_type: str, *, sites: tuple[str, ...] = (), sensors: tuple[str, ...] = (),
-                where: tuple[str, ...] = ()) -> str:
-    """The ARG query for one record type: filters, ``project`` with ``id``, ``order by id asc``; no take."""
+                where: tuple[str, ...] = (), project: str = "id, name, type, properties") -> str:
+    """The ARG query for one record type: filters, ``project`` with ``id``, ``order by id asc``; no take.
+    ``sites``/``sensors`` apply to devices only (``properties.sensor``): alerts and sensors carry no such
+    field, they are filtered as :mod:`defender_servicenow.azure_scope` says."""
     stages = [f"where type =~ '{record_type}'", *where]
-    site_path, sensor_path = ("properties.sensor.site", "properties.sensor.name") if record_type == DEVICE_TYPE \
-        else ("properties.extendedProperties.Site", "properties.extendedProperties.SensorId")
-    if sites and record_type != SENSOR_TYPE:
-        stages.append(f"where {site_path} in~ ({_kql_list(sites)})")
-    if sensors and record_type != SENSOR_TYPE:
-        stages.append(f"where {sensor_path} in~ ({_kql_list(sensors)})")
-    stages += ["project id, name, type, properties", "order by id asc"]
+    if sites and record_type == DEVICE_TYPE:
+        stages.append(f"where properties.sensor.site in~ ({_kql_list(sites)})")
+    if sensors and record_type == DEVICE_TYPE:
+        stages.append(f"where properties.sensor.name in~ ({_kql_list(sensors)})")
+    stages += [f"project {project}", "order by id asc"]
     return " | ".join(["iotsecurityresources", *stages])
 
 
@@ -454,9 +455,15 @@ class DefenderIoTAzureHook(BaseHook):
         if state:
             where.append(f"where properties.status {'=~' if state == 'handled' else '!~'} 'Closed'")
         s = self.settings
-        records = [parse_azure_alert(raw, source=s.conn_id)
-                   for raw in self.iter_resources(build_query(ALERT_TYPE, sites=s.sites, sensors=s.sensors,
-                                                              where=tuple(where)))]
+        raws = list(self.iter_resources(build_query(ALERT_TYPE, where=tuple(where))))
+        if s.sites or s.sensors:   # through the alerts' devices (azure_scope.py)
+            from defender_servicenow.azure_scope import filter_alerts
+
+            raws, unplaced = filter_alerts(raws, s.sites, s.sensors, self.iter_resources)
+            if unplaced:
+                self.log.warning("%d alerts from %s name no device (DeviceResourceIds), so their site and sensor "
+                                 "are unknown: kept despite the sites/sensors filter", unplaced, s.conn_id)
+        records = [parse_azure_alert(raw, source=s.conn_id) for raw in raws]
         alerts = sorted((r for r in records if isinstance(r, Alert)), key=lambda a: (a.time, a.id))
         invalid = [r for r in records if isinstance(r, InvalidRecord)]
         self.log.info("Read %d alerts from %s (Azure)%s", len(alerts), s.conn_id,
@@ -465,11 +472,13 @@ class DefenderIoTAzureHook(BaseHook):
 
     def get_sensors(self) -> list[dict]:
         """Sensors (``…/sites/sensors``) as raw ARG records."""
+        from defender_servicenow.azure_scope import sensors_in_sites, wanted_site_segments
+
         s = self.settings
         sensors = list(self.iter_resources(build_query(SENSOR_TYPE)))
-        if s.sites:
-            wanted = {x.lower() for x in s.sites}
-            sensors = [x for x in sensors if str((x.get("properties") or {}).get("site", "")).lower() in wanted]
+        if s.sites:   # a sensor's site is the /sites/<site>/ segment of its id (and the site's displayName)
+            sites = self.iter_resources(build_query(SITE_TYPE, project="id, name, properties"))
+            sensors = sensors_in_sites(sensors, wanted_site_segments(s.sites, sites))
         return sensors
 
     def iter_vulnerabilities(self) -> Iterator[dict]:

@@ -10,6 +10,8 @@ Durable state (the asset state store; this trigger is the only writer of these k
 
 * ``seen:<conn id>`` = ``{"time_ms": newest alert time, "ids": [ids at that time]}``. With no watermark
   (first start), it starts from *now*: history is not replayed (use the DAG's since/until params).
+* ``auth:<conn id>`` = the lock-out guard's record (triggers/guard.py): after a source rejects its credentials
+  it is neither logged in to nor polled until its connection changes or ``DEFENDER_AUTH_COOLDOWN_MINUTES`` pass.
 * ``rule_first_seen:<rule name>`` = ISO-8601 time at which a trigger first ran with that rule (rule names
   are kwargs, so editing the rules file re-creates the trigger); rules apply to alerts raised after that.
 
@@ -28,11 +30,18 @@ from typing import Any
 import httpx
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
-from defender_servicenow.exceptions import ConfigError
+from defender_servicenow import settings
+from defender_servicenow.exceptions import ConfigError, DefenderAuthError
 from defender_servicenow.forwarding import rule_first_seen_key, seen_key, watch_start_key
+from defender_servicenow.triggers.guard import TriggerAuthGuard
 
 CLASSPATH = "defender_servicenow.triggers.alerts.DefenderAlertTrigger"
 MAX_BACKOFF_SECONDS = 300.0
+AUTH_RECHECK_SECONDS = 60.0   # a suspended source: how often its connection is re-read to see if it changed
+
+
+class _Suspended(Exception):
+    """The source's credentials were rejected: the lock-out guard holds (the message says until when)."""
 
 
 def _now_ms() -> int:
@@ -105,13 +114,25 @@ class DefenderAlertTrigger(BaseEventTrigger):
                 await store.aset(key, now)
                 self.log.info("Forwarding rule %r first seen at %s: it applies to alerts raised from now on", name, now)
 
-    async def _poll(self, conn_id: str, clients: dict, watermark: dict) -> list[tuple[int, int]]:
-        """One poll of one source through its poller (triggers/pollers.py: appliance or Azure)."""
+    async def _poll(self, conn_id: str, clients: dict, watermark: dict, guard: Any) -> list[tuple[int, int]]:
+        """One poll of one source through its poller (triggers/pollers.py: appliance or Azure); a source whose
+        credentials were rejected is not polled (:class:`_Suspended`) while the lock-out guard holds."""
         from defender_servicenow.triggers.pollers import poller_for
 
         if conn_id not in clients:
-            clients[conn_id] = await poller_for(conn_id, int(self.lookback_minutes * 60_000))
-        return await clients[conn_id].poll(watermark)
+            poller = await poller_for(conn_id, int(self.lookback_minutes * 60_000))
+            sentence = await guard.suspended(conn_id, poller.material)
+            if sentence:
+                await poller.aclose()
+                raise _Suspended(sentence)
+            clients[conn_id] = poller
+        try:
+            return await clients[conn_id].poll(watermark)
+        except DefenderAuthError as exc:
+            await guard.rejected(conn_id, clients[conn_id].material, str(exc))
+            raise _Suspended(f"{conn_id}: credentials rejected ({exc}); the alert trigger neither logs in nor "
+                             f"polls it until the connection is changed or for {guard.cooldown_minutes:g} "
+                             "minutes (DEFENDER_AUTH_COOLDOWN_MINUTES, lock-out guard)") from None
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         store = self.asset_state_store  # injected by the triggerer; None in __init__ / serialize / tests
@@ -129,6 +150,8 @@ class DefenderAlertTrigger(BaseEventTrigger):
                 self.log.info("%s: no alert watermark yet; watching alerts raised from now on", conn_id)
             watermarks[conn_id] = dict(wm)  # our copy: new_alerts() may note max_id in it
         clients: dict[str, Any] = {}   # conn id -> its poller
+        guard = TriggerAuthGuard(store, settings.defender_auth_cooldown_minutes())
+        told: set[str] = set()   # sources whose suspension this instance has logged
         failures = dict.fromkeys(self.sources, 0)
         next_poll = dict.fromkeys(self.sources, 0.0)
         loop = asyncio.get_running_loop()
@@ -139,7 +162,16 @@ class DefenderAlertTrigger(BaseEventTrigger):
                     if loop.time() < next_poll[conn_id]:
                         continue
                     try:
-                        new = await self._poll(conn_id, clients, watermarks[conn_id])
+                        new = await self._poll(conn_id, clients, watermarks[conn_id], guard)
+                    except _Suspended as exc:   # rejected credentials: no login, re-read the connection later
+                        if conn_id not in told:
+                            self.log.warning("%s", exc)
+                            told.add(conn_id)
+                        next_poll[conn_id] = loop.time() + max(self.poll_interval, AUTH_RECHECK_SECONDS)
+                        old = clients.pop(conn_id, None)
+                        if old:
+                            await old.aclose()
+                        continue
                     except Exception as exc:  # noqa: BLE001 - transient by design: log, back off, keep polling
                         failures[conn_id] += 1
                         delay = min(self.poll_interval * 2 ** failures[conn_id], MAX_BACKOFF_SECONDS)
@@ -151,6 +183,8 @@ class DefenderAlertTrigger(BaseEventTrigger):
                         if old:
                             await old.aclose()
                         continue
+                    await guard.accepted(conn_id)
+                    told.discard(conn_id)
                     if failures[conn_id]:
                         self.log.info("%s: polling alerts works again after %d failures", conn_id, failures[conn_id])
                     wait = clients[conn_id].wait_s   # Azure: the quota is spent until it resets

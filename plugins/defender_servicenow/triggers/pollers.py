@@ -15,6 +15,7 @@ Both share the connection parsers of their hooks (``hooks/connections.py``, ``ho
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -47,6 +48,7 @@ class AppliancePoller:
         settings = parse_defender_connection(conn, conn_id)   # the hook's own parser: same reading
         mask_secret(settings.token)
         self.path = "/external/v2/alerts" if settings.appliance == MANAGEMENT_CONSOLE else "/api/v2/alerts"
+        self.material = f"{settings.base_url}|{settings.token}"   # the lock-out guard's, as the hook's
         self.lookback_ms = lookback_ms
         self.client = httpx.AsyncClient(base_url=settings.base_url, headers={"Authorization": settings.token,
                                                                              "Accept": "application/json"},
@@ -57,6 +59,11 @@ class AppliancePoller:
         from defender_servicenow.triggers.alerts import new_alerts
 
         response = await self.client.get(self.path, params={"fromTime": int(watermark["time_ms"]) - self.lookback_ms})
+        if response.status_code in (401, 403):   # the API token is rejected: the trigger's lock-out guard stops
+            from defender_servicenow.exceptions import DefenderAuthError
+
+            raise DefenderAuthError(f"{self.path} answered HTTP {response.status_code} to the API token",
+                                    status=response.status_code)
         _raise_for(response)
         return new_alerts(response.json(), watermark)
 
@@ -75,10 +82,12 @@ class AzurePoller:
 
         self.settings = s = parse_azure_connection(conn_id, conn.login, conn.password, conn.extra_dejson)
         mask_secret(s.client_secret)
+        self.material = f"{s.authority}|{s.tenant_id}|{s.client_id}|{s.client_secret}"   # as the hook's guard
         self.lookback_ms, self.page_size = lookback_ms, page_size
         self.wait_s = 0.0
         self.requests = 0
         self._token: tuple[str, float] | None = None
+        self._out_of_scope: set[int] = set()   # alerts whose devices are of other sites / sensors
         self.client = httpx.AsyncClient(verify=s.verify, proxy=s.proxy, timeout=s.timeout, follow_redirects=False)
 
     async def _access_token(self) -> str:
@@ -100,19 +109,43 @@ class AzurePoller:
         from defender_servicenow.hooks.azure import _kql_time, build_query
 
         since = parse_time_ms(int(watermark["time_ms"]) - self.lookback_ms)
-        return build_query(ALERT_TYPE, sites=self.settings.sites, sensors=self.settings.sensors,
-                           where=(f"where properties.startTimeUtc >= datetime({_kql_time(since)})",))
+        return build_query(ALERT_TYPE, where=(f"where properties.startTimeUtc >= datetime({_kql_time(since)})",))
 
     async def poll(self, watermark: dict) -> list[tuple[int, int]]:
+        by_key: dict[tuple[int, int], dict] = {}
+        for record in await self._records(self.query(watermark)):
+            when = parse_time((record.get("properties") or {}).get("startTimeUtc")) if isinstance(
+                record, dict) else None
+            if when is not None and isinstance(record.get("id"), str):
+                by_key[(int(when.timestamp() * 1000), stable_id(record["id"]))] = record
+        new = new_cloud_alerts(list(by_key), watermark)
+        s = self.settings
+        if new and (s.sites or s.sensors):   # through the new alerts' devices, as the hook does (azure_scope.py)
+            from defender_servicenow.azure_scope import alert_device_ids, scope_queries, split_by_scope
+
+            new = [k for k in new if k[1] not in self._out_of_scope]
+            raws = [by_key[k] for k in new]
+            if new and self.wait_s:   # the alerts query spent the quota: the device query waits for its reset
+                await asyncio.sleep(self.wait_s)
+            scoped: set[str] = set()
+            for q in scope_queries((i for raw in raws for i in alert_device_ids(raw)), s.sites, s.sensors):
+                scoped |= {str(r.get("id")).lower() for r in await self._records(q) if isinstance(r, dict)}
+            kept, unplaced = split_by_scope(raws, scoped)
+            keep = {id(r) for r in (*kept, *unplaced)}
+            self._out_of_scope |= {k[1] for k in new if id(by_key[k]) not in keep}   # a device keeps its site
+            new = [k for k in new if id(by_key[k]) in keep]
+        return new
+
+    async def _records(self, query: str) -> list:
+        """Every record of one Resource Graph query (normally one page: the window holds minutes of alerts)."""
         from defender_servicenow.hooks.azure import ARG_API_VERSION, parse_resets_after
 
         s = self.settings
         url = f"{s.resource_manager}/providers/Microsoft.ResourceGraph/resources?api-version={ARG_API_VERSION}"
-        body: dict[str, Any] = {"query": self.query(watermark),
-                                "options": {"$top": self.page_size, "resultFormat": "objectArray"}}
+        body: dict[str, Any] = {"query": query, "options": {"$top": self.page_size, "resultFormat": "objectArray"}}
         body.update({"managementGroups": [s.management_group]} if s.management_group
                     else {"subscriptions": list(s.subscriptions)})
-        items: list[tuple[int, int]] = []
+        records: list = []
         while True:
             self.wait_s = 0.0
             headers = {"Authorization": f"Bearer {await self._access_token()}"}
@@ -125,14 +158,10 @@ class AzurePoller:
                 self._token = None   # expired or revoked: a fresh token next time
             _raise_for(response)
             page = response.json()
-            for record in page.get("data") or []:
-                when = parse_time((record.get("properties") or {}).get("startTimeUtc")) if isinstance(
-                    record, dict) else None
-                if when is not None and isinstance(record.get("id"), str):
-                    items.append((int(when.timestamp() * 1000), stable_id(record["id"])))
+            records += page.get("data") or []
             token = page.get("$skipToken")
-            if not token:   # normally one page: the window holds a few minutes of alerts
-                return new_cloud_alerts(items, watermark)
+            if not token:
+                return records
             body["options"] = {**body["options"], "$skipToken": token}
 
     def advance(self, watermark: dict, found: list[tuple[int, int]]) -> dict:

@@ -1,0 +1,125 @@
+"""The Azure ``sites`` / ``sensors`` filters on the fields Resource Graph really has: alerts through their
+devices (``DeviceResourceIds``), sensors through the ``/sites/<site>/`` segment of their id. The simulator
+carries only the reference's alert fields, so a filter on an invented field finds nothing here as on Azure."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+
+from defender_servicenow.azure_models import parse_azure_alert, stable_id
+from defender_servicenow.azure_scope import alert_device_ids, site_segment, split_by_scope
+from defender_servicenow.cmdb_depth.models import parse_azure_sensor
+from defender_servicenow.hooks.azure import DefenderIoTAzureHook
+from defender_servicenow.models import Alert
+from defender_servicenow.triggers.pollers import AzurePoller
+
+from tests.test_azure_forwarding_dag import add_alert
+
+REFERENCE_ALERT_FIELDS = {"SensorId", "SourceDeviceAddress", "DestinationDeviceAddress", "DeviceResourceIds"}
+
+
+def _site_of(sim, alert: dict) -> str:
+    device = next(d for d in sim.devices if d.get("id") == alert["properties"]["extendedProperties"]["DeviceResourceIds"])
+    return device["properties"]["sensor"]["site"]
+
+
+def test_simulated_records_carry_only_the_reference_fields(azure_sim_factory):
+    az = azure_sim_factory("az_scope_fields", devices=20, alerts=5, sensors=4)
+    assert all(set(a["properties"]["extendedProperties"]) <= REFERENCE_ALERT_FIELDS for a in az.sim.alerts)
+    assert all("site" not in s["properties"] for s in az.sim.sensors)   # a sensor's site is in its id only
+
+
+def test_site_filter_keeps_the_alerts_of_the_sites_devices(azure_sim_factory, capsys):
+    probe = azure_sim_factory("az_scope_all", devices=60, alerts=40, sensors=4)
+    site = probe.sim.devices[0]["properties"]["sensor"]["site"]
+    expected = {stable_id(a["id"]) for a in probe.sim.alerts if _site_of(probe.sim, a) == site}
+    assert 0 < len(expected) < len(probe.sim.alerts)
+    az = azure_sim_factory("az_scope_site", devices=60, alerts=40, sensors=4, extra={"sites": [site.upper()]})
+    hook = DefenderIoTAzureHook(az.conn_id)
+    got = hook.get_alerts()
+    assert {a.id for a in got if isinstance(a, Alert)} == expected
+    assert hook.request_count == 2          # the alerts, then which of their 40 devices are of the site
+
+    # an alert that names no device cannot be placed: kept and counted, not dropped
+    orphan = add_alert(az.sim, "High", datetime.now(timezone.utc), DeviceResourceIds=None)
+    capsys.readouterr()
+    again = DefenderIoTAzureHook(az.conn_id).get_alerts()
+    assert stable_id(orphan["id"]) in {a.id for a in again}
+    assert "1 alerts from az_scope_site name no device" in capsys.readouterr().out
+
+
+def test_sensors_filter_matches_the_devices_sensor_name(azure_sim_factory):
+    probe = azure_sim_factory("az_scope_probe", devices=60, alerts=40, sensors=4)
+    sensor = probe.sim.devices[0]["properties"]["sensor"]["name"]
+    by_device = {d["id"]: d["properties"]["sensor"]["name"] for d in probe.sim.devices}
+    expected = {stable_id(a["id"]) for a in probe.sim.alerts
+                if by_device[a["properties"]["extendedProperties"]["DeviceResourceIds"]] == sensor}
+    az = azure_sim_factory("az_scope_sensor", devices=60, alerts=40, sensors=4, extra={"sensors": [sensor]})
+    assert expected and {a.id for a in DefenderIoTAzureHook(az.conn_id).get_alerts()} == expected
+
+
+def test_site_filter_keeps_the_sensors_under_the_sites_path(azure_sim_factory):
+    probe = azure_sim_factory("az_scope_s_probe", devices=10, sensors=4)
+    site = probe.sim.sites[0]["properties"]["displayName"]   # "Plant …": the site resource is named "plant-…"
+    expected = {s["name"] for s in probe.sim.sensors if f"/sites/{probe.sim.sites[0]['name']}/" in s["id"]}
+    az = azure_sim_factory("az_scope_sensors", devices=10, sensors=4, extra={"sites": [site]})
+    got = DefenderIoTAzureHook(az.conn_id).get_sensors()
+    assert {s["name"] for s in got} == expected and 0 < len(expected) < len(probe.sim.sensors)
+    assert parse_azure_sensor(got[0], "az").site == probe.sim.sites[0]["name"]   # the site, read from the id
+
+
+def test_pure_helpers():
+    assert site_segment("/subscriptions/s/providers/P/locations/l/sites/Plant-1/sensors/x") == "Plant-1"
+    assert site_segment("/subscriptions/s/providers/P/locations/l/deviceGroups/g/devices/d") is None
+    assert alert_device_ids({"properties": {"extendedProperties": {"DeviceResourceIds": ["/a", " /b,/c "]}}}) \
+        == ["/a", "/b", "/c"]
+    alerts = [{"properties": {"extendedProperties": {"DeviceResourceIds": "/A"}}},
+              {"properties": {"extendedProperties": {"DeviceResourceIds": "/b"}}}, {"properties": {}}]
+    assert split_by_scope(alerts, {"/a"}) == ([alerts[0]], [alerts[2]])
+    assert isinstance(parse_azure_alert({"id": "/subscriptions/x/alerts/1", "type": "t", "properties": {
+        "startTimeUtc": "2026-01-01T00:00:00Z", "severity": "High", "extendedProperties": {}}}, source="s"), Alert)
+
+
+async def test_the_trigger_only_wakes_for_alerts_of_its_sites(azure_sim_factory):
+    probe = azure_sim_factory("az_scope_poll", devices=40, alerts=0, sensors=4, quota=1000)
+    site = probe.sim.devices[0]["properties"]["sensor"]["site"]
+    mine = next(d["id"] for d in probe.sim.devices if d["properties"]["sensor"]["site"] == site)
+    other = next(d["id"] for d in probe.sim.devices if d["properties"]["sensor"]["site"] != site)
+    az2 = azure_sim_factory("az_scope_poll_site", devices=40, alerts=0, sensors=4, quota=1000,
+                            extra={"sites": [site]})
+    from airflow.sdk import BaseHook
+
+    poller = AzurePoller(await BaseHook.aget_connection(az2.conn_id), az2.conn_id, 600_000)
+    start = datetime.now(timezone.utc) - timedelta(seconds=5)
+    wm = {"time_ms": int(start.timestamp() * 1000), "ids": []}
+    try:
+        await asyncio.to_thread(add_alert, az2.sim, "High", start + timedelta(seconds=1),
+                                         DeviceResourceIds=other)
+        assert await poller.poll(wm) == []                  # another site's alert does not wake the DAG
+        before = az2.sim.counters["arg"]
+        assert await poller.poll(wm) == [] and az2.sim.counters["arg"] - before == 1   # known: no device query
+        ours = await asyncio.to_thread(add_alert, az2.sim, "High", start + timedelta(seconds=2),
+                                       DeviceResourceIds=mine)
+        found = await poller.poll(wm)
+        assert [i for _, i in found] == [stable_id(ours["id"])]
+    finally:
+        await poller.aclose()
+
+
+async def test_the_trigger_waits_for_the_quota_before_placing_alerts(azure_sim_factory):
+    probe = azure_sim_factory("az_scope_q_probe", devices=40, alerts=0, sensors=4)
+    site = probe.sim.devices[0]["properties"]["sensor"]["site"]
+    mine = next(d["id"] for d in probe.sim.devices if d["properties"]["sensor"]["site"] == site)
+    az = azure_sim_factory("az_scope_quota", devices=40, alerts=0, sensors=4, quota=1, quota_window=0.5,
+                           extra={"sites": [site]})
+    from airflow.sdk import BaseHook
+
+    poller = AzurePoller(await BaseHook.aget_connection(az.conn_id), az.conn_id, 600_000)
+    start = datetime.now(timezone.utc) - timedelta(seconds=5)
+    try:
+        ours = await asyncio.to_thread(add_alert, az.sim, "High", start + timedelta(seconds=1), DeviceResourceIds=mine)
+        found = await poller.poll({"time_ms": int(start.timestamp() * 1000), "ids": []})
+        assert [i for _, i in found] == [stable_id(ours["id"])] and az.sim.counters["throttled"] == 0
+    finally:
+        await poller.aclose()
