@@ -167,19 +167,22 @@ def baseline(rules, state, sources):
 
 
 def pending(state, src=SRC) -> dict:
-    return state.data[f"ledger:{src}"]["pending"]
+    """The ledger's ``pending`` as the engine reads it (kept in segments, see ``ledger_state``)."""
+    from defender_servicenow.ledger_state import LedgerState
+
+    return LedgerState(state, src).load().pending
 
 
 def done(state, src=SRC) -> dict:
-    """The ledger's ``done`` as the engine reads it (kept in segments, see ``ledger.LedgerState``)."""
-    from defender_servicenow.ledger import LedgerState
+    """The ledger's ``done`` as the engine reads it (kept in segments, see ``ledger_state``)."""
+    from defender_servicenow.ledger_state import LedgerState
 
     return LedgerState(state, src).load().done
 
 
 def forget_done(state, src=SRC) -> None:
     """As if the ledger's ``done`` had been lost (e.g. a replay): the look-up in ServiceNow decides."""
-    from defender_servicenow.ledger import done_segment_key
+    from defender_servicenow.ledger_state import done_segment_key
 
     main = state.data[f"ledger:{src}"]
     for segment in main.pop("done_segments", []):

@@ -8,7 +8,8 @@ import logging
 from datetime import datetime, timedelta, timezone
 
 from defender_servicenow import forwarding as fwd
-from defender_servicenow.ledger import Ledger, LedgerState, done_segment_key, ledger_key
+from defender_servicenow.ledger import Ledger, dest_text, ledger_key
+from defender_servicenow.ledger_state import LedgerState, done_segment_key, segment_key
 from defender_servicenow.models import datetime_to_ms
 from defender_servicenow.rules import parse_rules
 from defender_servicenow.sources import source_for
@@ -115,6 +116,32 @@ def test_a_ledger_in_the_single_value_format_is_upgraded_without_forwarding_agai
     (report,) = forwarder(rules, state).run([conn])
     assert (report.seen, report.created) == (0, 0) and servicenow_conn.sim.table("incident") == []
     assert "done" not in state.data[ledger_key(conn)] and done(state, conn) == keys
+
+
+def test_a_long_pending_list_stays_within_the_limit_and_round_trips():
+    """A destination broken for days: 5,000 alerts pending (one or two destinations each, one no longer
+    listed by Defender) are kept in capped segments, read back unchanged; delivering the oldest rewrites
+    only the segments that held them."""
+    from defender_servicenow.rules import Destination
+
+    limit = _limit()
+    state, src = SizedState(), "defender_ledger_size_f"
+    t0 = datetime_to_ms(datetime(2026, 1, 1, tzinfo=timezone.utc))
+    a, b = (dest_text(Destination("servicenow_default", "incidents", t)) for t in ("incident", "sn_si_incident"))
+    ledger = Ledger(floor_ms=t0, keys_since_ms=t0)
+    for n in range(5000):
+        ledger.pending[f"{src}:{n}@{t0 + n * 60_000}"] = {"t": t0 + n * 60_000, "dests": [a, b] if n % 2 else [b]}
+    ledger.pending[f"{src}:7@{t0 + 7 * 60_000}"]["unlisted"] = True
+    store = LedgerState(state, src, limit)
+    store.save(ledger)
+    assert max(size for _, size in state.sizes) <= limit
+    assert len(state.data[ledger_key(src)]["pending_segments"]) >= 2
+    assert LedgerState(state, src, limit).load().pending == ledger.pending
+    state.sizes.clear()
+    for n in range(100):
+        del ledger.pending[f"{src}:{n}@{t0 + n * 60_000}"]
+    assert store.save(ledger) == 1 and state.sizes[0][0] == segment_key(src, "pending", 0)
+    assert LedgerState(state, src, limit).load().pending == ledger.pending
 
 
 def _critical_to_security_incidents():

@@ -39,7 +39,6 @@ from defender_servicenow.hooks.servicenow import sys_id_of as _ref
 from defender_servicenow.ledger import (
     LEGACY_MARGIN_MS,
     Ledger,
-    LedgerState,
     alert_key,
     dead_letter_key,
     ledger_key,
@@ -47,6 +46,7 @@ from defender_servicenow.ledger import (
     status_key,
     status_record,
 )
+from defender_servicenow.ledger_state import LedgerState
 from defender_servicenow.models import Alert, Device, InvalidRecord, datetime_to_ms, ms_to_datetime
 from defender_servicenow.records import (  # noqa: F401  (re-exported for callers)
     CORRELATION_DISPLAY,

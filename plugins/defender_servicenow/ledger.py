@@ -3,15 +3,14 @@ which are still pending for which destination, which records could not be read a
 
 State keys (asset ``defender_iot_alerts``, written only by the forwarding task of that source):
 
-* ``ledger:<conn id>`` = ``{"floor_ms", "keys_since_ms", "done_segments": [segment id, ...], "pending":
-  {alert key: {"t": time ms, "dests": ["<conn>|<report type>|<table>", ...]}}}``, and ``done`` in segments
-  ``ledger:<conn id>/done/<segment id>`` (lists of ``<alert id>@<time ms>``, each within the state store's
-  value limit; see :class:`LedgerState`; the previous single-value ``"done": {alert key: time ms}`` is still
-  read). ``done`` holds every alert of the reconcile window that needs nothing more (confirmed by ServiceNow
-  for every destination, or matched by no rule); ``pending`` the alerts a destination has not confirmed yet:
-  retried every run while in the window, and before it one window per run from the oldest
-  (:meth:`Ledger.parked_slice`); ``"unlisted": true`` marks a parked alert Defender no longer lists
-  (kept and counted, not retried).
+* ``ledger:<conn id>`` (and its segments, see :mod:`defender_servicenow.ledger_state`, which keeps every
+  value within the state store's limit): ``floor_ms``, ``keys_since_ms``, ``done`` {alert key: time ms} and
+  ``pending`` {alert key: {"t": time ms, "dests": ["<conn>|<report type>|<table>", ...]}}. ``done`` holds
+  every alert of the reconcile window that needs nothing more (confirmed by ServiceNow for every
+  destination, or matched by no rule); ``pending`` the alerts a destination has not confirmed yet: retried
+  every run while in the window, and before it one window per run from the oldest
+  (:meth:`Ledger.parked_slice`); ``"unlisted": true`` marks a parked alert Defender no longer lists (kept
+  and counted, not retried).
   ``floor_ms``: alerts raised before it are never forwarded (rules apply to alerts raised after they existed;
   a replay forwards older ones). ``keys_since_ms``: when the re-image-proof keys started, in the
   appliance's clock: the newest alert time of the first successful read after the ledger started (or
@@ -29,7 +28,6 @@ restarts its numbering, but not its clock, so a new alert never takes an old ale
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,108 +172,3 @@ def status_record(*, at: str, kind: str | None, forwarded_up_to_ms: int | None, 
     if sensors:
         record["sensors"] = {name: ms_to_datetime(ms).isoformat() for name, ms in sorted(sensors.items())}
     return record
-
-
-# --------------------------------------------------------------------------- persistence
-
-SEGMENT_FILL = 0.8          # a done segment is closed when it would pass this share of the value limit
-DEFAULT_MAX_VALUE_BYTES = 65535
-
-
-def done_segment_key(source: str, segment: int) -> str:
-    return f"ledger:{source}/done/{segment:06d}"
-
-
-def _compact(source: str, key: str) -> str:
-    prefix = f"{source}:"
-    return key[len(prefix):] if key.startswith(prefix) else f":{key}"
-
-
-def _expand(source: str, text: str) -> str:
-    return text[1:] if text.startswith(":") else f"{source}:{text}"
-
-
-def _time_of(key: str) -> int:
-    return int(key.rsplit("@", 1)[1])
-
-
-class LedgerState:
-    """Loads and saves one source's :class:`Ledger` within the state store's value limit.
-
-    ``ledger:<conn id>`` holds ``floor_ms``, ``keys_since_ms``, ``pending`` and ``done_segments`` (the ids of
-    the segments); ``done`` is kept in segments ``ledger:<conn id>/done/<id>``, each a JSON list of compact
-    keys ``<alert id>@<time ms>`` (the connection id prefix left out, the time read from the key) of at
-    most ``SEGMENT_FILL`` of ``max_value_bytes`` as Airflow measures it (``len(json.dumps(value))``). New
-    entries are appended to the newest segment, so a chunk of confirmed alerts rewrites one segment (two
-    when it fills one), and pruning rewrites only the oldest segments. The main value is written only when
-    it changed. A ledger in the previous single-value format (``done`` inline) is read as it is and moved
-    into segments at its first save: no alert is forwarded again."""
-
-    def __init__(self, store: Any, source: str, max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES):
-        self.store, self.source = store, source
-        self.cap = int((max_value_bytes if max_value_bytes > 0 else DEFAULT_MAX_VALUE_BYTES) * SEGMENT_FILL)
-        self._segments: dict[int, list[str]] = {}      # as saved (compact keys)
-        self._where: dict[str, int] = {}               # full key -> its segment
-        self._main: str | None = None                  # the main value as last saved (JSON)
-        self.writes = 0
-
-    def load(self) -> Ledger | None:
-        raw = self.store.get(ledger_key(self.source))
-        ledger = Ledger.from_state(raw)
-        if ledger is None:
-            return None
-        for segment in (raw.get("done_segments") or []):
-            keys = list(self.store.get(done_segment_key(self.source, int(segment)), None) or [])
-            self._segments[int(segment)] = keys
-            for text in keys:
-                key = _expand(self.source, text)
-                ledger.done[key] = _time_of(key)
-                self._where[key] = int(segment)
-        if "done" not in raw:
-            self._main = json.dumps(raw, sort_keys=True)
-        return ledger
-
-    def save(self, ledger: Ledger) -> int:
-        """Write what changed since the last load or save; returns how many values were written."""
-        dirty: set[int] = set()
-        gone: dict[int, set[str]] = {}
-        for key in [k for k in self._where if k not in ledger.done]:      # pruned
-            gone.setdefault(self._where.pop(key), set()).add(_compact(self.source, key))
-        for segment, texts in gone.items():
-            self._segments[segment] = [t for t in self._segments[segment] if t not in texts]
-            dirty.add(segment)
-        new = sorted((k for k in ledger.done if k not in self._where), key=lambda k: (ledger.done[k], k))
-        if new:
-            segment = max(self._segments, default=-1)
-            size = len(json.dumps(self._segments[segment])) if segment >= 0 else self.cap + 1
-            for key in new:
-                text = _compact(self.source, key)
-                grow = len(json.dumps(text)) + 2
-                if size + grow > self.cap:
-                    segment += 1
-                    self._segments[segment], size = [], 2
-                self._segments[segment].append(text)
-                self._where[key] = segment
-                size += grow
-                dirty.add(segment)
-        written = 0
-        for segment in sorted(dirty):
-            if self._segments[segment]:
-                self.store.set(done_segment_key(self.source, segment), self._segments[segment])
-                written += 1
-        emptied = [s for s in sorted(dirty) if not self._segments[s]]
-        for segment in emptied:
-            del self._segments[segment]
-        main = {"floor_ms": ledger.floor_ms, "keys_since_ms": ledger.keys_since_ms, "pending": ledger.pending,
-                "done_segments": sorted(self._segments)}
-        text = json.dumps(main, sort_keys=True)
-        if text != self._main:
-            self.store.set(ledger_key(self.source), main)
-            self._main = text
-            written += 1
-        delete = getattr(self.store, "delete", None)
-        for segment in emptied:          # after the main value no longer lists them
-            if delete is not None:
-                delete(done_segment_key(self.source, segment))
-        self.writes += written
-        return written
