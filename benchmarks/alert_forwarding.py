@@ -47,7 +47,30 @@ class DictState(dict):
         return super().get(key, default)
 
     def set(self, key, value):  # noqa: D102
+        if key.startswith("ledger:"):
+            self.ledger_sizes.append(len(json.dumps(value)))
         self[key] = value
+
+    def delete(self, key):  # noqa: D102
+        self.pop(key, None)
+
+    ledger_sizes: list[int]
+
+
+def single_value_sizes() -> list[int]:
+    """Baseline, measured in the same runs: the size of the previous single-value ledger (everything in
+    ``ledger:<conn id>``, rewritten at every save) at each save the engine makes."""
+    from defender_servicenow import ledger_state
+
+    sizes: list[int] = []
+    save = ledger_state.LedgerState.save
+
+    def recording(self, ledger):
+        sizes.append(len(json.dumps(ledger.as_state())))
+        return save(self, ledger)
+
+    ledger_state.LedgerState.save = recording
+    return sizes
 
 
 def start_servicenow(latency_ms: float, conn_id: str):
@@ -97,6 +120,8 @@ def main() -> None:
     start_ms = int(time.time() * 1000) - 1
     state = DictState({"ledger:" + SOURCE: {"floor_ms": start_ms - 3_600_000, "keys_since_ms": start_ms},
                        "rule_first_seen:bench": "2000-01-01T00:00:00+00:00"})
+    state.ledger_sizes = []
+    baseline_sizes = single_value_sizes()
     devices = dsim.device_ids()
     per_sensor = args.alerts // args.sensors
     for sensor in range(1, args.sensors):      # sensor <args.sensors> is unreachable for now
@@ -175,6 +200,12 @@ def main() -> None:
     print(f"target: at most 0.05 ServiceNow requests per forwarded alert -> forwarder "
           f"{'meets it' if per_alert <= 0.05 else 'MISSES it'} ({per_alert:.3f}); "
           f"speed-up {naive_wall / max(naive_created, 1) * created / wall:.1f}x per incident")
+    from defender_servicenow.sync_state import max_value_bytes
+
+    print(f"ledger in the state store over the 3 runs: {len(state.ledger_sizes)} writes, largest value "
+          f"{max(state.ledger_sizes)} bytes, {sum(state.ledger_sizes)} bytes written (limit "
+          f"{max_value_bytes()}); previous single-value ledger: {len(baseline_sizes)} writes, largest "
+          f"{max(baseline_sizes)} bytes, {sum(baseline_sizes)} bytes written")
     print(f"run with nothing new: {idle_defender} Defender request(s), {idle_sn} ServiceNow request(s) for 1 source "
           f"(target at most 3 + 1) -> {'meets it' if idle_defender <= 3 and idle_sn <= 1 else 'MISSES it'}")
 

@@ -167,7 +167,27 @@ def baseline(rules, state, sources):
 
 
 def pending(state, src=SRC) -> dict:
-    return state.data[f"ledger:{src}"]["pending"]
+    """The ledger's ``pending`` as the engine reads it (kept in segments, see ``ledger_state``)."""
+    from defender_servicenow.ledger_state import LedgerState
+
+    return LedgerState(state, src).load().pending
+
+
+def done(state, src=SRC) -> dict:
+    """The ledger's ``done`` as the engine reads it (kept in segments, see ``ledger_state``)."""
+    from defender_servicenow.ledger_state import LedgerState
+
+    return LedgerState(state, src).load().done
+
+
+def forget_done(state, src=SRC) -> None:
+    """As if the ledger's ``done`` had been lost (e.g. a replay): the look-up in ServiceNow decides."""
+    from defender_servicenow.ledger_state import done_segment_key
+
+    main = state.data[f"ledger:{src}"]
+    for segment in main.pop("done_segments", []):
+        state.data.pop(done_segment_key(src, segment), None)
+    main["done"] = {}
 
 
 def test_incidents_exactly_once_with_cmdb_links(defender_sim_factory, servicenow_conn):
@@ -205,7 +225,7 @@ def test_incidents_exactly_once_with_cmdb_links(defender_sim_factory, servicenow
     assert (idle.seen, idle.created) == (0, 0) and routes(sn) == before
 
     # The same run again (e.g. the ledger write was lost): everything is found, nothing is created twice.
-    state.data[f"ledger:{SRC}"]["done"] = {}
+    forget_done(state)
     (again,) = forwarder(rules, state).run([SRC])
     assert (again.created, again.present) == (0, 4)
     assert len(sn.sim.table("incident")) == 4
@@ -339,7 +359,7 @@ def test_an_interrupted_run_is_found_again(defender_sim_factory, servicenow_conn
     d.sim.add_alerts(2, severity="Major", engine="Malware", title=PLC_TITLE)
     (report,) = forwarder(rules, state).run([SRC])
     assert (report.created, report.present) == (2, 1)
-    assert len(state.data[f"ledger:{SRC}"]["done"]) == 3
+    assert len(done(state)) == 3
 
 
 def test_replays_ignore_first_seen_and_overlapping_windows_create_nothing_twice(defender_sim_factory,

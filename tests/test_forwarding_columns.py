@@ -11,7 +11,17 @@ import logging
 import pytest
 from defender_servicenow import forwarding as fwd
 
-from tests.test_forwarding import PLC_TITLE, SRC, DictState, baseline, forwarder, pending, routes, rules_with
+from tests.test_forwarding import (
+    PLC_TITLE,
+    SRC,
+    DictState,
+    baseline,
+    forget_done,
+    forwarder,
+    pending,
+    routes,
+    rules_with,
+)
 
 APP = {"type": "servicenow", "report_type": "defender_for_iot_application"}
 
@@ -74,7 +84,7 @@ def test_without_the_check_a_short_column_duplicates_every_run(defender_sim_fact
     baseline(rules, state, [conn])
     d.sim.add_alerts(1, severity="Major", engine="Malware", title=PLC_TITLE)
     forwarder(rules, state).run([conn])
-    state.data[f"ledger:{conn}"]["done"] = {}                 # e.g. a replay: the look-up decides
+    forget_done(state, conn)                                  # e.g. a replay: the look-up decides
     forwarder(rules, state).run([conn])
     assert len(sn.sim.table("u_defender_iot_alert")) == 2    # duplicated
 

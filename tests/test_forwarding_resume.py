@@ -12,7 +12,7 @@ from defender_servicenow.hooks import _http
 from defender_servicenow.hooks.servicenow import ServiceNowHook
 from defender_servicenow.sources import source_for
 
-from tests.test_forwarding import PLC_TITLE, SRC, DictState, baseline, cid, pending, routes, rules_with
+from tests.test_forwarding import PLC_TITLE, SRC, DictState, baseline, cid, done, pending, routes, rules_with
 
 BACKLOG = 450          # 5 chunks of 100
 CONFIRMED = 200        # the first two chunks go through before the fault
@@ -71,7 +71,7 @@ def test_a_retry_resumes_after_the_last_confirmed_chunk(defender_sim_factory, se
             engine(rules, state, kill_at_batch=3, killed_after_send=fault == "killed_after_send").run([SRC])
     landed = len(sn.sim.table("incident"))
     assert landed == (CONFIRMED + 100 if fault == "killed_after_send" else CONFIRMED)
-    assert len(state.data[f"ledger:{SRC}"]["done"]) == CONFIRMED          # saved per confirmed chunk
+    assert len(done(state)) == CONFIRMED          # saved per confirmed chunk
 
     # Attempt 2 (the retry): only the unconfirmed alerts are looked up, only the missing ones created.
     created_before, routes_before = creates(sn), routes(sn)

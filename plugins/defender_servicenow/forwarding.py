@@ -1,8 +1,8 @@
 """Alert forwarding engine: Defender alerts -> ServiceNow incidents or application-table rows, exactly once.
 
 Delivery is reconciled, not inferred from a time watermark. Every run of a source reads the alerts of the
-reconcile window (``DEFENDER_ALERT_RECONCILE_HOURS``, default 24, back from now; earlier for alerts still
-pending) and compares them with its delivery ledger (:mod:`defender_servicenow.ledger`): every alert not
+reconcile window (``DEFENDER_ALERT_RECONCILE_HOURS``, default 24, back from now; alerts still pending from
+before it are re-read one window per run, from the oldest) and compares them with its delivery ledger (:mod:`defender_servicenow.ledger`): every alert not
 yet confirmed by ServiceNow is forwarded, whatever its time stamp, so alerts that arrive late (a sensor
 reconnecting to its management console), alerts of a sensor whose clock is behind and alerts raised while
 the watcher was down all land. When nothing is missing a run costs one Defender request and no ServiceNow
@@ -46,6 +46,7 @@ from defender_servicenow.ledger import (
     status_key,
     status_record,
 )
+from defender_servicenow.ledger_state import LedgerState
 from defender_servicenow.models import Alert, Device, InvalidRecord, datetime_to_ms, ms_to_datetime
 from defender_servicenow.records import (  # noqa: F401  (re-exported for callers)
     CORRELATION_DISPLAY,
@@ -200,7 +201,7 @@ class AlertForwarder:
                  servicenow_hook: Callable[[str], Any], source_name: str | None = None, dry_run: bool = False,
                  chunk_size: int = CHUNK_SIZE, clock: Callable[[], datetime] | None = None,
                  reconcile_hours: float | None = None, inventory_minutes: float | None = None,
-                 failure_context: Mapping[str, Any] | None = None):
+                 failure_context: Mapping[str, Any] | None = None, max_value_bytes: int | None = None):
         self.rules = rules
         self.state = state
         self.defender_hook = defender_hook
@@ -216,6 +217,12 @@ class AlertForwarder:
         self.reconcile_ms = int(hours * 3_600_000)
         minutes = settings.sync_frequency_minutes() if inventory_minutes is None else inventory_minutes
         self.inventory_ms = int(minutes * 60_000)
+        if max_value_bytes is None:
+            from defender_servicenow.sync_state import max_value_bytes as configured
+
+            max_value_bytes = configured()
+        self.max_value_bytes = max_value_bytes
+        self._ledger_state: LedgerState | None = None
 
     def _sn(self, conn_id: str):
         if conn_id not in self._sn_hooks:
@@ -267,12 +274,15 @@ class AlertForwarder:
                 records = dhook.get_alerts(from_time=ms_to_datetime(read_from))
                 ledger.start_keys((r for r in records if isinstance(r, Alert)), now_ms)
                 report.window = f"reconciling from {ms_to_datetime(read_from).isoformat()}"
+                records += self._parked(source, dhook, ledger, now_ms, report)
             invalid = [r for r in records if isinstance(r, InvalidRecord)]
             report.invalid = [f"{r.record_id}: {r.reason}" for r in invalid]
             valid = sorted((r for r in records if isinstance(r, Alert)), key=lambda a: (a.time, a.id))
             if ledger is not None:
                 valid = [a for a in valid if datetime_to_ms(a.time) >= ledger.floor_ms]
             report.flagged = sum(1 for a in valid if a.message.startswith("[Forwarding note:"))
+            if not replay:   # the window and the parked slice may overlap at their edge
+                valid = list({alert_key(a): a for a in valid}.values())
             todo = valid if replay else [a for a in valid if alert_key(a) not in ledger.done]
             report.seen = len(todo)
             devices = self._devices(source, dhook, now_ms) if self.rules.needs_protocols and todo else {}
@@ -317,14 +327,15 @@ class AlertForwarder:
             if ledger is not None and not self.dry_run:
                 for c in chunk:
                     ledger.settle(c.alert, pending[alert_key(c.alert)])
-                self.state.set(ledger_key(source), ledger.as_state())   # progress per confirmed chunk
+                self._ledger_state.save(ledger)   # progress per confirmed chunk (only what changed)
         self._finish(source, report, kind, ledger, valid, now_ms, invalid=invalid, per_sensor=per_sensor)
         return report
 
     # ------------------------------------------------------------------ steps
 
     def _ledger(self, source: str, first_seen: Mapping[str, datetime | None], now_ms: int) -> Ledger:
-        current = Ledger.from_state(self.state.get(ledger_key(source)))
+        self._ledger_state = LedgerState(self.state, source, self.max_value_bytes)
+        current = self._ledger_state.load()
         if current is not None:
             return current
         old = self.state.get(watermark_key(source))
@@ -346,8 +357,31 @@ class AlertForwarder:
                      "replayed; use the since/until params for that)", source, ms_to_datetime(floor).isoformat())
         ledger = Ledger(floor_ms=floor, keys_since_ms=None)   # set by the first read (Ledger.start_keys)
         if not self.dry_run:
-            self.state.set(ledger_key(source), ledger.as_state())
+            self._ledger_state.save(ledger)
         return ledger
+
+    def _parked(self, source: str, dhook, ledger: Ledger, now_ms: int, report: SourceReport) -> list[Alert]:
+        """The alerts parked before the reconcile window (a destination that failed for longer): one extra
+        read of at most one window from the oldest of them, keeping only the parked ones, so the per-run
+        Defender read stays bounded however long a destination is broken; later slices follow next runs."""
+        window = ledger.parked_slice(now_ms - self.reconcile_ms, self.reconcile_ms)
+        if window is None:
+            return []
+        lo, hi, older = window
+        found = [r for r in dhook.get_alerts(from_time=ms_to_datetime(lo), to_time=ms_to_datetime(hi))
+                 if isinstance(r, Alert) and alert_key(r) in ledger.pending]
+        unlisted = [] if self.dry_run else ledger.mark_unlisted(lo, hi, {alert_key(a) for a in found})
+        if unlisted:
+            log.warning("%s: %d parked alert(s) are no longer listed by Defender (%s): they stay in the pending "
+                        "list and its count, but are not retried; forward them with a replay (since/until) if "
+                        "Defender still has them", source, len(unlisted), ", ".join(unlisted[:20]))
+        report.window += f", retrying parked alerts of {ms_to_datetime(lo).isoformat()} .. {ms_to_datetime(hi).isoformat()}"
+        if older:
+            log.warning("%s: %d parked alert(s) older than the reconcile window (DEFENDER_ALERT_RECONCILE_HOURS) "
+                        "are raised after %s and stay parked this run: they are retried slice by slice (one "
+                        "window per run) once the destination works; nothing is dropped", source, older,
+                        ms_to_datetime(hi).isoformat())
+        return found
 
     def _keys_since(self, source: str, now_ms: int) -> int:
         ledger = Ledger.from_state(self.state.get(ledger_key(source)))
@@ -377,9 +411,10 @@ class AlertForwarder:
                 not_done.setdefault(name, datetime_to_ms(a.time) - 1)
         sensors.update(not_done)
         if not report.error:
-            ledger.prune(min(now_ms - self.reconcile_ms, ledger.read_from_ms(now_ms - self.reconcile_ms)))
-            self.state.set(ledger_key(source), ledger.as_state())
-            report.forwarded_up_to_ms = min(not_done.values(), default=now_ms)
+            ledger.prune(now_ms - self.reconcile_ms)
+            self._ledger_state.save(ledger)
+            parked = [int(p["t"]) - 1 for p in ledger.pending.values()]   # also those not read this run
+            report.forwarded_up_to_ms = min([*not_done.values(), *parked], default=now_ms)
         report.pending = len(ledger.pending)
         previous = self.state.get(status_key(source)) or {}
         if report.forwarded_up_to_ms is None and previous.get("forwarded_up_to"):

@@ -3,10 +3,14 @@ which are still pending for which destination, which records could not be read a
 
 State keys (asset ``defender_iot_alerts``, written only by the forwarding task of that source):
 
-* ``ledger:<conn id>`` = ``{"floor_ms", "keys_since_ms", "done": {alert key: time ms}, "pending": {alert key:
-  {"t": time ms, "dests": ["<conn>|<report type>|<table>", ...]}}}``. ``done`` holds every alert of the
-  reconcile window that needs nothing more (confirmed by ServiceNow for every destination, or matched by no
-  rule); ``pending`` the alerts a destination has not confirmed yet (retried every run, whatever their age).
+* ``ledger:<conn id>`` (and its segments, see :mod:`defender_servicenow.ledger_state`, which keeps every
+  value within the state store's limit): ``floor_ms``, ``keys_since_ms``, ``done`` {alert key: time ms} and
+  ``pending`` {alert key: {"t": time ms, "dests": ["<conn>|<report type>|<table>", ...]}}. ``done`` holds
+  every alert of the reconcile window that needs nothing more (confirmed by ServiceNow for every
+  destination, or matched by no rule); ``pending`` the alerts a destination has not confirmed yet: retried
+  every run while in the window, and before it one window per run from the oldest
+  (:meth:`Ledger.parked_slice`); ``"unlisted": true`` marks a parked alert Defender no longer lists (kept
+  and counted, not retried).
   ``floor_ms``: alerts raised before it are never forwarded (rules apply to alerts raised after they existed;
   a replay forwards older ones). ``keys_since_ms``: when the re-image-proof keys started, in the
   appliance's clock: the newest alert time of the first successful read after the ledger started (or
@@ -106,15 +110,37 @@ class Ledger:
             self.pending.pop(key, None)
             self.done[key] = ms
 
+    def mark_unlisted(self, from_ms: int, to_ms: int, listed: set[str]) -> list[str]:
+        """Mark the parked alerts raised in ``[from_ms, to_ms)`` that a read of that range did not list
+        (e.g. purged by the appliance): they stay pending and counted, but no longer hold the parked slice
+        back. Returns their keys."""
+        keys = sorted(k for k, p in self.pending.items()
+                      if from_ms <= int(p["t"]) < to_ms and k not in listed and not p.get("unlisted"))
+        for key in keys:
+            self.pending[key]["unlisted"] = True
+        return keys
+
     def prune(self, keep_from_ms: int) -> None:
         """Forget ``done`` entries older than the reconcile window (they are never read again)."""
         self.done = {k: t for k, t in self.done.items() if t >= keep_from_ms}
 
     def read_from_ms(self, window_start_ms: int) -> int:
-        """Where the sweep starts: the reconcile window, or earlier for alerts still pending; never before
-        the floor."""
-        oldest = min((int(p["t"]) for p in self.pending.values()), default=window_start_ms)
-        return max(self.floor_ms, min(window_start_ms, oldest))
+        """Where the sweep starts: the reconcile window (never before the floor). Alerts parked before it
+        are retried by :meth:`parked_slice`, so a destination broken for days never widens the sweep."""
+        return max(self.floor_ms, window_start_ms)
+
+    def parked_slice(self, window_start_ms: int, span_ms: int) -> tuple[int, int, int] | None:
+        """``(from ms, to ms, parked left older)`` of the extra read that retries alerts parked before the
+        window: at most ``span_ms`` (one window) from the oldest parked alert; ``parked left older`` counts
+        the parked alerts between that slice and the window (they stay parked, read by later runs as the
+        slice moves on). ``None`` when nothing is parked before the window."""
+        start = self.read_from_ms(window_start_ms)
+        old = sorted(int(p["t"]) for p in self.pending.values() if int(p["t"]) < start and not p.get("unlisted"))
+        if not old:
+            return None
+        lo = max(self.floor_ms, old[0])
+        hi = min(start, lo + span_ms)
+        return lo, hi, sum(1 for t in old if t > hi)
 
 
 def note_dead_letters(current: Mapping, invalid: Iterable[tuple[str, str]], now_iso: str,
