@@ -18,11 +18,10 @@ others. Records are built in :mod:`defender_servicenow.records`; I/O goes throug
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Protocol
+from typing import Any
 
 from airflow.sdk.exceptions import AirflowNotFoundException
 
@@ -33,6 +32,23 @@ from defender_servicenow.exceptions import (
     IntegrationError,
     ServiceNowAuthError,
     ServiceNowError,
+)
+from defender_servicenow.forwarding_report import (  # noqa: F401  (re-exported for callers)
+    Failure,
+    ForwardingCredentialsError,
+    ForwardingIncompleteError,
+    SourceReport,
+    failure_sentence,
+    raise_if_incomplete,
+)
+from defender_servicenow.forwarding_state import (  # noqa: F401  (re-exported for callers)
+    StateStore,
+    inventory_key,
+    record_first_seen,
+    rule_first_seen_key,
+    seen_key,
+    watch_start_key,
+    watermark_key,
 )
 from defender_servicenow.hooks.servicenow import in_queries
 from defender_servicenow.hooks.servicenow import sys_id_of as _ref
@@ -69,120 +85,9 @@ CHUNK_SIZE = 100  # alerts per lookup query and per Batch API call
 SERVICENOW_MAX_RETRY_SECONDS = 120.0  # per call; the task's own retries cover longer outages
 
 
-def watermark_key(source: str) -> str:
-    """Before the ledger: the newest alert forwarded for a source (read once, to start the ledger there)."""
-    return f"forwarded_up_to:{source}"
-
-
-def rule_first_seen_key(rule_name: str) -> str:
-    """When a rule was first seen by the trigger or the forwarding task, whichever ran first (ISO-8601 UTC)."""
-    return f"rule_first_seen:{rule_name}"
-
-
-def watch_start_key(source: str) -> str:
-    """Trigger-owned: when the alert trigger started watching a source (epoch ms); written once."""
-    return f"watch_start:{source}"
-
-
-def seen_key(source: str) -> str:
-    """Trigger-owned: the newest alert the trigger has seen for a source."""
-    return f"seen:{source}"
-
-
-def inventory_key(source: str) -> str:
-    """Task-owned: the device facts protocol rules need, refreshed every DEFENDER_SYNC_FREQUENCY_MINUTES."""
-    return f"inventory:{source}"
-
-
-class StateStore(Protocol):
-    """The sync half of Airflow's asset state accessor (``get``/``set``)."""
-
-    def get(self, key: str, default: Any = None) -> Any: ...
-
-    def set(self, key: str, value: Any) -> None: ...
-
-
-class ForwardingIncompleteError(IntegrationError):
-    """Some alerts could not be forwarded; they stay pending and the next attempt resumes there."""
-
-
-class ForwardingCredentialsError(ForwardingIncompleteError):
-    """ServiceNow or Defender rejected the credentials: retrying at once cannot help (and repeated failed
-    logins can lock the integration user out); the next run resumes from the ledger."""
-
-
-def record_first_seen(state: StateStore, rule_names: Sequence[str], now: datetime) -> dict[str, datetime]:
-    """The first-seen time of each rule, recording ``now`` for a rule no process has seen yet (the trigger
-    does the same): a rule applies to alerts raised after the first process that ran with it started, so the
-    result never depends on whether the watcher or a forwarding run came first."""
-    out: dict[str, datetime] = {}
-    for name in rule_names:
-        raw = state.get(rule_first_seen_key(name))
-        try:
-            out[name] = datetime.fromisoformat(raw) if raw else None
-        except (TypeError, ValueError):
-            log.warning("Unreadable first-seen time %r of rule %r: recording a new one", raw, name)
-            out[name] = None
-        if out[name] is None:
-            out[name] = now
-            state.set(rule_first_seen_key(name), now.isoformat())
-            log.info("Forwarding rule %r first seen at %s: it applies to alerts raised from then on", name,
-                     now.isoformat())
-    return out
-
-
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
-
-
-@dataclass
-class Failure:
-    alert: str
-    destination: Destination
-    answer: str
-
-
-@dataclass
-class SourceReport:
-    source: str
-    window: str = ""
-    seen: int = 0
-    invalid: list[str] = field(default_factory=list)
-    matched: Counter = field(default_factory=Counter)
-    unmatched: int = 0
-    created: int = 0
-    present: int = 0
-    would_create: int = 0
-    failures: list[Failure] = field(default_factory=list)
-    error: str | None = None
-    credentials_rejected: bool = False
-    pending: int = 0
-    dead_letter: int = 0
-    flagged: int = 0
-    forwarded_up_to_ms: int | None = None
-
-    @property
-    def failed(self) -> bool:
-        return bool(self.error or self.failures)
-
-    def as_dict(self) -> dict:
-        return {"source": self.source, "window": self.window, "seen": self.seen, "invalid": len(self.invalid),
-                "matched": dict(self.matched), "unmatched": self.unmatched, "created": self.created,
-                "already_present": self.present, "would_create": self.would_create, "pending": self.pending,
-                "dead_letter": self.dead_letter,
-                "failed": [f"{f.alert} -> {f.destination.table}@{f.destination.connection_id}: {f.answer}"
-                           for f in self.failures], "error": self.error,
-                "forwarded_up_to": (ms_to_datetime(self.forwarded_up_to_ms).isoformat()
-                                    if self.forwarded_up_to_ms else None)}
-
-    def summary(self) -> str:
-        matched = ", ".join(f"{name}: {n}" for name, n in sorted(self.matched.items())) or "none"
-        return (f"Alert forwarding summary ({self.source}, {self.window}): to check {self.seen}, matched per "
-                f"rule: {matched}, matched no rule {self.unmatched}, created {self.created}, already present "
-                f"{self.present}, would create {self.would_create}, failed {len(self.failures)}, pending "
-                f"{self.pending}, dead-letter {self.dead_letter}, forwarded with fallbacks {self.flagged}"
-                + (f", source error: {self.error}" if self.error else ""))
 
 
 class AlertForwarder:
@@ -596,33 +501,3 @@ def _answer(exc: Exception) -> str:
     if getattr(exc, "answer", None) and exc.answer not in answer:
         answer += f" (ServiceNow answered: {exc.answer})"
     return answer
-
-
-def failure_sentence(report: SourceReport) -> str:
-    """One plain sentence for the health page (no secret: errors and answers are the hooks' plain texts)."""
-    if report.error:
-        return f"Alerts of {report.source} could not be read: {report.error}"[:500]
-    first = report.failures[0]
-    return (f"{len({f.alert for f in report.failures})} alert(s) of {report.source} were not forwarded, e.g. "
-            f"to {first.destination.table} on {first.destination.connection_id}: {first.answer}")[:500]
-
-
-def raise_if_incomplete(reports: Sequence[SourceReport]) -> None:
-    """Fail the task when anything was not forwarded (the alerts stay pending: nothing is lost)."""
-    failed = [f.alert for r in reports for f in r.failures]
-    errors = [f"{r.source}: {r.error}" for r in reports if r.error]
-    if failed or errors:
-        parts = []
-        if failed:
-            shown = ", ".join(sorted(set(failed))[:20])
-            parts.append(f"{len(set(failed))} alert(s) not forwarded ({shown})")
-        if errors:
-            parts.append("sources not read: " + "; ".join(errors))
-        if any(r.credentials_rejected for r in reports):
-            raise ForwardingCredentialsError(
-                "; ".join(parts) + ". Credentials were rejected: fix the connection named above (the task is not "
-                "retried, so the integration user is not locked out). Nothing is lost: the alerts stay pending "
-                "and the next run forwards them without duplicates.")
-        raise ForwardingIncompleteError(
-            "; ".join(parts) + ". Nothing is lost: these alerts stay pending and the next attempt forwards "
-            "them without duplicates. Check the ServiceNow/Defender connections if this persists.")
