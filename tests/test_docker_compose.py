@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -173,21 +176,43 @@ def test_compose_runs_the_engine_the_distributed_test_proves():
     assert SERVICES["airflow-worker"]["command"] == "celery worker"
 
 
-def test_the_image_carries_the_drivers_those_urls_need():
-    """psycopg2 for the (explicit) sync URLs, asyncpg for the URL the API server derives from them."""
-    from airflow.settings import _get_async_conn_uri_from_sync
+def _compose_url(key: str) -> str:
+    env = COMPOSE["x-airflow-common"]["environment"]
+    return env[key].replace("${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env}", "pw")
+
+
+def _pins(name: str) -> dict[str, str]:
+    text = (ROOT / name).read_text()
+    return {k.lower(): v for k, v in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", text, flags=re.MULTILINE)}
+
+
+def test_the_image_carries_the_drivers_those_urls_need(tmp_path):
+    """psycopg2 for the (explicit) sync URLs, asyncpg for the URL the API server derives from them.
+
+    The async URL is read from ``airflow.settings`` in a fresh process given compose's environment (the
+    derivation the API server runs), not from a copy of its rule.
+    """
     from sqlalchemy.engine import make_url
 
     env = COMPOSE["x-airflow-common"]["environment"]
-    sync_url = env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env}", "pw")
-    backend = env["AIRFLOW__CELERY__RESULT_BACKEND"].removeprefix("db+").replace(
-        "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD in .env}", "pw")
-    drivers = {make_url(sync_url).get_dialect().driver, make_url(backend).get_dialect().driver,
-               make_url(_get_async_conn_uri_from_sync(sync_url)).get_dialect().driver}
+    assert not any(k.startswith("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC") for k in env)
+    sync_url = _compose_url("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")
+    backend = _compose_url("AIRFLOW__CELERY__RESULT_BACKEND").removeprefix("db+")
+    derived = subprocess.run(
+        [sys.executable, "-c", "from airflow import settings; print(settings.SQL_ALCHEMY_CONN_ASYNC)"],
+        env={**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sync_url},
+        capture_output=True, text=True, timeout=120, check=True).stdout.strip().splitlines()[-1]
+    assert derived.startswith("postgresql+asyncpg://"), derived
+    drivers = {make_url(url).get_dialect().driver for url in (sync_url, backend, derived)}
     assert drivers == {"psycopg2", "asyncpg"}
+    # Why the URLs name psycopg2: with the pinned SQLAlchemy a bare postgresql:// selects psycopg 3, which
+    # neither the venv nor the image pins.
+    assert make_url("postgresql://airflow:pw@postgres/airflow").get_dialect().driver == "psycopg"
     package = {"psycopg2": "psycopg2-binary", "asyncpg": "asyncpg"}
-    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "requirements.txt").read_text(), flags=re.MULTILINE))
-    image = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "requirements-image.txt").read_text(),
-                            flags=re.MULTILINE))
+    pins, image, constraints = _pins("requirements.txt"), _pins("requirements-image.txt"), _pins("constraints.txt")
+    assert "psycopg" not in image and "psycopg" not in constraints
+    assert constraints["sqlalchemy"] == __import__("sqlalchemy").__version__
     for name in [package[d] for d in drivers] + ["apache-airflow-providers-celery"]:
-        assert name in pins and image.get(name) == pins[name], name
+        assert name in pins and image.get(name) == pins[name] == constraints.get(name), name
+    # Celery's Redis transport: the celery provider requires celery[redis]; the venv resolves it.
+    assert "redis" in constraints and "celery" in constraints
