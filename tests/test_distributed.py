@@ -9,8 +9,9 @@ Which worker ran a task: every process shares this machine's hostname, so each w
 as the task instances' ``hostname`` through Airflow's ``[core] hostname_callable`` (in containers each
 worker has its own hostname anyway); the workers' own logs confirm it (``celery@worker-a ready``).
 
-A dead worker: the worker is SIGKILLed with every process it started (what a lost machine or container
-does; killing only the Celery parent would leave its pool child running the task). The scheduler notices
+A dead worker: the worker running a sync task whose source's devices ServiceNow has already committed
+(mid-sync: the task waits on the IRE answers) is SIGKILLed with every process it started (what a lost
+machine or container does; killing only the Celery parent would leave its pool child running the task). The scheduler notices
 the task's missing heartbeats after ``[scheduler] task_instance_heartbeat_timeout`` (shortened here to
 HEARTBEAT_TIMEOUT; 300 s by default) and retries it on the worker that is left. A task the dead worker had
 already taken from Redis but not yet started stays queued until ``[scheduler] task_queued_timeout``
@@ -22,6 +23,7 @@ Timings are reported (terminal summary, ``<tmp>/distributed.json``), never asser
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from collections import Counter
@@ -40,9 +42,8 @@ from scripts.stack import (
     wait_until,
 )
 
-pytestmark = pytest.mark.distributed
-
 WORKERS = ("worker-a", "worker-b")
+TRIGGERERS = ("triggerer", "triggerer-2")  # the stack's process (and log) names
 HEARTBEAT_TIMEOUT = 20  # [scheduler] task_instance_heartbeat_timeout: a running task whose worker died
 QUEUED_TIMEOUT = 60     # [scheduler] task_queued_timeout: a task the dead worker had received, not started
 DEVICES = 60
@@ -63,11 +64,16 @@ def task_policy(task):
 
 def _missing() -> list[str]:
     gaps = services.missing()
-    try:
-        import airflow.providers.celery  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("airflow.providers.celery") is None:
         gaps.append("apache-airflow-providers-celery (make install)")
     return gaps
+
+
+# A machine without the servers skips the module with one line (a module-level skip mark is folded into
+# "SKIPPED [n] tests/test_distributed.py: <reason>"; a skip in the fixture would print one line per test).
+_GAPS = _missing()
+pytestmark = [pytest.mark.distributed,
+              *([pytest.mark.skip(reason="distributed engine test needs " + ", ".join(_GAPS))] if _GAPS else [])]
 
 
 class _Report:
@@ -91,9 +97,6 @@ def report(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, report):
-    gaps = _missing()
-    if gaps:
-        pytest.skip("distributed engine test needs " + ", ".join(gaps))
     started = time.monotonic()
     # The ServiceNow simulator answers IRE batches slowly from the start, so the first sync (created when
     # the DAG is unpaused) is still running when a worker is killed.
@@ -113,6 +116,7 @@ def stack(tmp_path_factory, report):
                        "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "5",
                        "AIRFLOW__CORE__PARALLELISM": "8"})
         with Stack(options) as live:
+            live.engine_env = engine
             live.wait_for_dags()
             report.figures["startup_s (Postgres, Redis, migrate, 10 processes, DAGs parsed)"] = round(
                 time.monotonic() - started, 1)
@@ -130,55 +134,101 @@ def _tries(stack: Stack, run_id: str, map_index: int) -> list[dict]:
 
 def test_the_engine_is_distributed(stack):
     """Executor, two live triggerers and two Celery workers that answer under their own names."""
-    config = stack.api("GET", "/api/v2/config/sections/core/options/executor")  # may be hidden: env is the truth
-    assert stack.env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor", config.status_code
-    jobs = stack.api_json("GET", "/api/v2/jobs", params={"job_type": "TriggererJob", "is_alive": True})["jobs"]
-    assert len(jobs) == 2, jobs
+    # Every component runs with celery_engine_env's settings (the ones docker-compose.yaml must match) and
+    # derives the API server's async URL itself, as compose leaves it to.
+    assert {key: stack.env[key] for key in stack.engine_env} == stack.engine_env
+    assert stack.env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    assert stack.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://")
+    assert not any(key.startswith("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC") for key in stack.env)
+    assert len(_live_triggerers(stack)) == 2
     for worker in WORKERS:
         wait_until(lambda w=worker: f"celery@{w} ready" in (stack.logs_dir / f"{w}.log").read_text(errors="replace"),
-                   60, f"{worker} to be ready")
+                   120, f"{worker} to be ready")
+
+
+def _rows_per_source(stack: Stack) -> Counter:
+    """ServiceNow's source rows (``<conn id>:<device id>``: a device the IRE committed) per source."""
+    return Counter(str(r.get("id", "")).split(":", 1)[0] for r in stack.sn_records("sys_object_source")
+                   if ":" in str(r.get("id", "")))
+
+
+def _selected_sources(stack: Stack, run_id: str) -> list[str] | None:
+    """The run's sources in map-index order (select_sources' XCom; a running task's rendered map index is
+    only known once the task has set its source in the context, i.e. at its end)."""
+    resp = stack.api("GET", f"/api/v2/dags/defender_device_sync/dagRuns/{run_id}/taskInstances/select_sources/"
+                     "xcomEntries/return_value", params={"deserialize": True})
+    if resp.status_code == 404:
+        return None
+    value = resp.json()["value"]
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def test_sync_spreads_over_both_workers_and_survives_a_killed_worker(stack, report):
-    """The first sync (the one that creates every CI) loses a worker mid-sync and still ends right."""
+    """The first sync (the one that creates every CI) loses a worker mid-sync and still ends right.
+
+    The victim is whichever worker runs a sync task whose source ServiceNow has already committed devices
+    of (the task then waits ~35 s on the slow IRE answers): a kill in the task's start-up would prove less.
+    Which workers the tasks ran on is read from the finished attempts, so a loaded machine that starts
+    the three tasks one after another cannot make the test wait for a moment that never comes.
+    """
     started = time.monotonic()
     try:  # the DAG's first scheduled run starts as soon as it is parsed (unpaused at creation)
-        runs = wait_until(lambda: stack.runs("defender_device_sync"), 30, "the first scheduled sync run")
+        runs = wait_until(lambda: stack.runs("defender_device_sync"), 60, "the first scheduled sync run")
         run_id = runs[-1]["dag_run_id"]
     except StackError:
         run_id = stack.trigger("defender_device_sync")
+    for worker in WORKERS:  # a survivor that is not consuming yet could not take the retry
+        wait_until(lambda w=worker: f"celery@{w} ready" in (stack.logs_dir / f"{w}.log").read_text(errors="replace"),
+                   120, f"{worker} to be ready")
 
-    def running_on_both():
-        tis = _sync_tis(stack, run_id)
-        hosts = {t["hostname"] for t in tis if t["state"] == "running"}
-        return tis if set(WORKERS) <= hosts else None
+    sources = wait_until(lambda: _selected_sources(stack, run_id), 180, "select_sources to finish")
+    assert sorted(sources) == sorted(s.conn_id for s in SOURCES), sources
 
-    tis = wait_until(running_on_both, 180, "sync tasks running on both workers", interval=0.5)
-    victim_ti = next(t for t in tis if t["state"] == "running" and t["hostname"] == WORKERS[0])
-    victim, survivor = WORKERS[0], WORKERS[1]
+    def mid_sync():
+        committed = _rows_per_source(stack)
+        for ti in _sync_tis(stack, run_id):
+            if ti["state"] == "running" and ti["hostname"] in WORKERS and committed[sources[ti["map_index"]]]:
+                return ti, committed
+        return None
+
+    victim_ti, committed = wait_until(mid_sync, 300, "a sync task running with devices of its source in "
+                                      "ServiceNow already", interval=0.5)
+    victim = victim_ti["hostname"]
+    survivor = next(w for w in WORKERS if w != victim)
+    victim_source = sources[victim_ti["map_index"]]
+    running_at_kill = {sources[t["map_index"]]: t["hostname"] for t in _sync_tis(stack, run_id)
+                       if t["state"] == "running"}
     killed_at = time.monotonic()
     stack.kill(victim)
+    assert stack.process(survivor).poll() is None, f"{survivor} died too; see {stack.logs_dir}"
 
     def retried():
         ti = next(t for t in _sync_tis(stack, run_id) if t["map_index"] == victim_ti["map_index"])
         return ti if ti["try_number"] > victim_ti["try_number"] else None
 
-    wait_until(retried, HEARTBEAT_TIMEOUT + 120, "the killed worker's task to be retried", interval=0.5)
+    wait_until(retried, HEARTBEAT_TIMEOUT + 180, "the killed worker's task to be retried", interval=0.5)
     detected_s = time.monotonic() - killed_at
-    state = stack.wait_for_run("defender_device_sync", run_id, timeout=300)
+    state = stack.wait_for_run("defender_device_sync", run_id, timeout=420)
     total_s = time.monotonic() - started
     tis = _sync_tis(stack, run_id)
     assert state == "success", [(t["map_index"], t["state"], t["hostname"], t["try_number"]) for t in tis]
 
-    # The killed attempt failed on the victim (heartbeat timeout); the retry ran on the survivor.
+    # The killed attempt failed on the victim (heartbeat timeout) without finishing its sync; the retry ran
+    # on the survivor. Every attempt of every sync task ran on one of the two workers, and both took some.
     tries = _tries(stack, run_id, victim_ti["map_index"])
     first = next(t for t in tries if t["try_number"] == victim_ti["try_number"])
     last = max(tries, key=lambda t: t["try_number"])
     assert first["hostname"] == victim and first["state"] == "failed", first
     assert last["hostname"] == survivor and last["state"] == "success", last
-    hosts = Counter(t["hostname"] for ti in tis for t in _tries(stack, run_id, ti["map_index"]))
-    assert set(WORKERS) <= set(hosts), hosts
-    assert f"celery@{victim} ready" in (stack.logs_dir / f"{victim}.log").read_text(errors="replace")
+    killed_log = next(p for p in stack.task_log_files("defender_device_sync", run_id)
+                      if f"task_id=sync_source/map_index={victim_ti['map_index']}/" in p.as_posix()
+                      and p.name == f"attempt={victim_ti['try_number']}.log").read_text(errors="replace")
+    assert f"Syncing {victim_source} " in killed_log, "the killed attempt had not started its sync"
+    assert "Recorded the state of" not in killed_log and "Last sync of" not in killed_log, (
+        "the killed attempt finished its sync before the kill: not killed mid-sync")
+    attempts = [t for ti in tis for t in _tries(stack, run_id, ti["map_index"])]
+    hosts = Counter(t["hostname"] for t in attempts)
+    assert set(hosts) == set(WORKERS), hosts
 
     # Every device exactly once in the CMDB: one source row per device and source (every valid device of
     # every source; the simulators make a few invalid on purpose, which are counted as skipped), each
@@ -208,7 +258,11 @@ def test_sync_spreads_over_both_workers_and_survives_a_killed_worker(stack, repo
         "tasks_requeued_after_stuck_in_queued": scheduler_log.count("Task stuck in queued; will try to requeue"),
         "sync_run_s (3 sources x 60 devices, IRE 0.3 s/item, one worker killed)": round(total_s, 1),
         f"killed_task_retried_after_s (heartbeat timeout {HEARTBEAT_TIMEOUT} s)": round(detected_s, 1),
-        "task_attempts_per_worker": dict(hosts),
+        "killed": f"{victim} running {victim_source}, {committed[victim_source]} of its devices committed in "
+                  "ServiceNow",
+        "sync_tasks_running_at_kill": running_at_kill,
+        "ire_answers_the_killed_attempt_had_received": killed_log.count("IRE identifyreconcile"),
+        "sync_attempts_per_worker": dict(hosts),
         "servicenow_requests_until_first_sync_done": counters.get("requests"),
         "servicenow_ire_items_until_first_sync_done": counters.get("ire_items"),
         "cmdb_source_rows": len(rows),
@@ -236,7 +290,30 @@ def test_the_next_sync_after_the_crash_inserts_nothing(stack, report):
     })
 
 
+def _live_triggerers(stack: Stack) -> list[dict]:
+    jobs = stack.api_json("GET", "/api/v2/jobs", params={"job_type": "TriggererJob", "is_alive": True})["jobs"]
+    dead = [name for name in TRIGGERERS if stack.process(name).poll() is not None]
+    assert not dead and len(jobs) == len(TRIGGERERS), (dead, jobs)
+    return jobs
+
+
+def _watcher_events(stack: Stack) -> dict[int, dict]:
+    """The alert watcher's asset events (``extra.payload.sources``: new alerts per source), by event id."""
+    assets = stack.api_json("GET", "/api/v2/assets", params={"name_pattern": "defender_iot_alerts"})["assets"]
+    asset_id = next(a["id"] for a in assets if a["name"] == "defender_iot_alerts")
+    events = stack.api_json("GET", "/api/v2/assets/events", params={"asset_id": asset_id, "limit": 100})
+    return {e["id"]: e for e in events["asset_events"] if (e.get("extra") or {}).get("from_trigger")}
+
+
 def test_alerts_become_incidents_exactly_once_with_two_triggerers(stack, report):
+    """Both triggerers alive throughout; the watcher reports each new alert once; one incident per alert.
+
+    The incidents alone could not show a watcher running in both triggerers (the forwarding task looks each
+    incident up by correlation_id before creating it), so the watcher's own asset events are counted too:
+    two watcher instances polling the same sources would each report the new alerts.
+    """
+    _live_triggerers(stack)
+    events_before = set(_watcher_events(stack))
     console, sensor = stack.defender_urls[DEFENDER_CONN_ID], stack.defender_urls["defender_sensor_1"]
     raised = {}
     for url, conn_id in ((console, DEFENDER_CONN_ID), (sensor, "defender_sensor_1")):
@@ -253,12 +330,25 @@ def test_alerts_become_incidents_exactly_once_with_two_triggerers(stack, report)
         seen.update({k: time.monotonic() - t for k, t in raised.items() if k in present and k not in seen})
         return len(seen) == len(raised)
 
-    wait_until(all_forwarded, 180, "the new alerts to become incidents", interval=0.5)
+    wait_until(all_forwarded, 240, "the new alerts to become incidents", interval=0.5)
     report.figures["alert_to_incident_s (two triggerers, poll 2 s)"] = sorted(round(v, 1) for v in seen.values())
     time.sleep(8)  # a few more polls by the watcher, whichever triggerer holds it
     wait_until(lambda: all(r["state"] in ("success", "failed") for r in stack.runs("defender_alert_forwarding")),
-               180, "alert forwarding runs to finish")
+               240, "alert forwarding runs to finish")
+    _live_triggerers(stack)
     incidents = stack.incidents_by_alert()
     doubles = {k: len(v) for k, v in incidents.items() if len(v) != 1}
     assert not doubles, f"alerts with more than one incident: {doubles}"
     assert set(raised) <= set(incidents)
+
+    new_events = [e for i, e in _watcher_events(stack).items() if i not in events_before]
+    reported = Counter()
+    for event in new_events:
+        for conn_id, found in event["extra"]["payload"]["sources"].items():
+            reported[conn_id] += found["new_alerts"]
+    assert reported == Counter(k.split(":", 1)[0] for k in raised), (
+        f"the watcher reported {dict(reported)} new alerts for the 4 raised: more than one watcher polled")
+    polled_by = {name: (stack.logs_dir / f"{name}.log").read_text(errors="replace").count("New alerts: ")
+                 for name in TRIGGERERS}
+    report.figures.update({"watcher_events_for_4_alerts": len(new_events),
+                           "watcher_new_alert_lines_per_triggerer": polled_by})
