@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import time
 from collections import Counter
 
@@ -250,6 +251,9 @@ def test_sync_spreads_over_both_workers_and_survives_a_killed_worker(stack, repo
     assert targets <= cis, "source rows pointing at missing CIs"
     assert not cis - targets, f"{len(cis - targets)} CIs without a source row (a device inserted twice)"
     note = stack.api_json("GET", f"/api/v2/dags/defender_device_sync/dagRuns/{run_id}").get("note") or ""
+    # The retry sent the killed attempt's devices again and ServiceNow recognised the ones it had committed.
+    unchanged = re.search(r", unchanged (\d+),", note)
+    assert unchanged and int(unchanged.group(1)) >= committed[victim_source], note
 
     counters = stack.sn_state().get("counters", {})
     scheduler_log = (stack.logs_dir / "scheduler.log").read_text(errors="replace")
