@@ -125,3 +125,30 @@ def test_without_security_admin_the_closed_loop_fails_once_and_plainly(
     assert [a["properties"]["status"] for a in alerts] == ["New"] * 3
     refused = [r.getMessage() for r in caplog.records if "Security Admin" in r.getMessage()]
     assert refused and "403" in refused[0]
+
+
+def test_a_cloud_incident_names_its_device_s_ci_sensor_site_and_zone(airflow_db, azure_sim_factory,
+                                                                      servicenow_conn, monkeypatch, tmp_path):
+    """Azure alerts carry no site, zone or device id: the forwarding reads the devices the alert names
+    (DeviceResourceIds) and links the incident to the CI the device sync wrote for its source device."""
+    from tests.test_device_sync_dag import cis, run_dag
+
+    conn = "dagtest_azure_place"
+    az = azure_sim_factory(conn, devices=20, alerts=0, quota=1000)
+    monkeypatch.setenv("DEFENDER_SOURCES", conn)
+    assert run_dag().state == "success"                   # the device sync writes the CIs
+    dag = load_dag(monkeypatch, tmp_path, conn, [
+        {"name": "azure-all", "actions": [{"type": "servicenow", "report_type": "incidents"}]}])
+    assert run(dag).state == "success"                    # baseline
+    now = datetime.now(timezone.utc)
+    alert = add_alert(az.sim, "High", now)
+    device = next(d for d in az.sim.devices if d["id"] == alert["properties"]["extendedProperties"]["DeviceResourceIds"])
+    sensor = device["properties"]["sensor"]
+    _past(now)
+    assert run(dag).state == "success"
+    (incident,) = servicenow_conn.sim.table("incident")
+    ci = cis(servicenow_conn.sim, conn)[f"{conn}:{stable_id(device['id'])}"]
+    assert incident["cmdb_ci"] == ci["sys_id"]
+    text = incident["description"]
+    assert f"Sensor: {sensor['name']}" in text and f"Zone: {sensor['zone']}" in text, text
+    assert f"Site: {sensor['site']}" in text and f"Source: {ci['name']}" in text, text
