@@ -152,3 +152,32 @@ def test_a_cloud_incident_names_its_device_s_ci_sensor_site_and_zone(airflow_db,
     text = incident["description"]
     assert f"Sensor: {sensor['name']}" in text and f"Zone: {sensor['zone']}" in text, text
     assert f"Site: {sensor['site']}" in text and f"Source: {ci['name']}" in text, text
+
+
+def test_a_protocol_rule_says_it_cannot_match_cloud_alerts_and_holds_nothing(
+        airflow_db, azure_sim_factory, servicenow_conn, monkeypatch, tmp_path, capfd):
+    """Resource Graph has no device protocols: a rule on protocols cannot match an Azure alert. The run says so,
+    reads no inventory for it, and the alerts no rule matches are settled (not held as pending)."""
+    from tests.asset_state import read_asset_state
+
+    conn = "dagtest_azure_proto"
+    az = azure_sim_factory(conn, devices=20, alerts=0, quota=1000)
+    dag = load_dag(monkeypatch, tmp_path, conn, [
+        {"name": "modbus-only", "protocols": ["Modbus"],
+         "actions": [{"type": "servicenow", "report_type": "incidents"}]},
+        {"name": "critical", "minimum_severity": "Critical",
+         "actions": [{"type": "servicenow", "report_type": "incidents"}]}])
+    assert run(dag).state == "success"                    # baseline
+    now = datetime.now(timezone.utc)
+    high, low = add_alert(az.sim, "High", now), add_alert(az.sim, "Low", now)
+    _past(now)
+    arg_before = az.sim.counters["arg"]
+    capfd.readouterr()
+    assert run(dag).state == "success"
+    assert [i["correlation_id"] for i in servicenow_conn.sim.table("incident")] == [key(conn, high)]
+    out, err = capfd.readouterr()
+    said = [line for line in (out + err).splitlines() if "reports no device protocols" in line]
+    assert len(said) == 1 and "(modbus-only)" in said[0], said
+    assert az.sim.counters["arg"] - arg_before <= 3       # alerts, their devices, nothing more (no inventory)
+    assert read_asset_state("defender_iot_alerts", f"status:{conn}")["pending"] == 0
+    assert key(conn, low) not in {i["correlation_id"] for i in servicenow_conn.sim.table("incident")}
