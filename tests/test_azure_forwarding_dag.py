@@ -125,3 +125,59 @@ def test_without_security_admin_the_closed_loop_fails_once_and_plainly(
     assert [a["properties"]["status"] for a in alerts] == ["New"] * 3
     refused = [r.getMessage() for r in caplog.records if "Security Admin" in r.getMessage()]
     assert refused and "403" in refused[0]
+
+
+def test_a_cloud_incident_names_its_device_s_ci_sensor_site_and_zone(airflow_db, azure_sim_factory,
+                                                                      servicenow_conn, monkeypatch, tmp_path):
+    """Azure alerts carry no site, zone or device id: the forwarding reads the devices the alert names
+    (DeviceResourceIds) and links the incident to the CI the device sync wrote for its source device."""
+    from tests.test_device_sync_dag import cis, run_dag
+
+    conn = "dagtest_azure_place"
+    az = azure_sim_factory(conn, devices=20, alerts=0, quota=1000)
+    monkeypatch.setenv("DEFENDER_SOURCES", conn)
+    assert run_dag().state == "success"                   # the device sync writes the CIs
+    dag = load_dag(monkeypatch, tmp_path, conn, [
+        {"name": "azure-all", "actions": [{"type": "servicenow", "report_type": "incidents"}]}])
+    assert run(dag).state == "success"                    # baseline
+    now = datetime.now(timezone.utc)
+    alert = add_alert(az.sim, "High", now)
+    device = next(d for d in az.sim.devices if d["id"] == alert["properties"]["extendedProperties"]["DeviceResourceIds"])
+    sensor = device["properties"]["sensor"]
+    _past(now)
+    assert run(dag).state == "success"
+    (incident,) = servicenow_conn.sim.table("incident")
+    ci = cis(servicenow_conn.sim, conn)[f"{conn}:{stable_id(device['id'])}"]
+    assert incident["cmdb_ci"] == ci["sys_id"]
+    text = incident["description"]
+    assert f"Sensor: {sensor['name']}" in text and f"Zone: {sensor['zone']}" in text, text
+    assert f"Site: {sensor['site']}" in text and f"Source: {ci['name']}" in text, text
+
+
+def test_a_protocol_rule_says_it_cannot_match_cloud_alerts_and_holds_nothing(
+        airflow_db, azure_sim_factory, servicenow_conn, monkeypatch, tmp_path, capfd):
+    """Resource Graph has no device protocols: a rule on protocols cannot match an Azure alert. The run says so,
+    reads no inventory for it, and the alerts no rule matches are settled (not held as pending)."""
+    from tests.asset_state import read_asset_state
+
+    conn = "dagtest_azure_proto"
+    az = azure_sim_factory(conn, devices=20, alerts=0, quota=1000)
+    dag = load_dag(monkeypatch, tmp_path, conn, [
+        {"name": "modbus-only", "protocols": ["Modbus"],
+         "actions": [{"type": "servicenow", "report_type": "incidents"}]},
+        {"name": "critical", "minimum_severity": "Critical",
+         "actions": [{"type": "servicenow", "report_type": "incidents"}]}])
+    assert run(dag).state == "success"                    # baseline
+    now = datetime.now(timezone.utc)
+    high, low = add_alert(az.sim, "High", now), add_alert(az.sim, "Low", now)
+    _past(now)
+    arg_before = az.sim.counters["arg"]
+    capfd.readouterr()
+    assert run(dag).state == "success"
+    assert [i["correlation_id"] for i in servicenow_conn.sim.table("incident")] == [key(conn, high)]
+    out, err = capfd.readouterr()
+    said = [line for line in (out + err).splitlines() if "reports no device protocols" in line]
+    assert len(said) == 1 and "(modbus-only)" in said[0], said
+    assert az.sim.counters["arg"] - arg_before <= 3       # alerts, their devices, nothing more (no inventory)
+    assert read_asset_state("defender_iot_alerts", f"status:{conn}")["pending"] == 0
+    assert key(conn, low) not in {i["correlation_id"] for i in servicenow_conn.sim.table("incident")}

@@ -6,6 +6,7 @@ import logging
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from defender_servicenow.azure_models import ALERT_TYPE
 from defender_servicenow.exceptions import ConfigError, DefenderAuthError, DefenderError
 from defender_servicenow.hooks import _http
 from defender_servicenow.hooks.azure import (
@@ -101,7 +102,9 @@ def test_quota_exhaustion_waits_for_reset(azure_sim_factory, monkeypatch):
 
     sleeps: list[float] = []
     monkeypatch.setattr(_http, "_sleep", lambda s: (sleeps.append(s), _time.sleep(s)))
-    sim = azure_sim_factory(devices=300, quota=2, quota_window=1.0)
+    # A 3 s window: even on a loaded machine three requests fall into one window (with 1 s, requests slower
+    # than 0.5 s each never met the quota and the test saw no wait).
+    sim = azure_sim_factory(devices=300, quota=2, quota_window=3.0)
     hook = DefenderIoTAzureHook(sim.conn_id, page_size=100)   # small pages: many requests in one window
     assert len([d for d in hook.iter_devices() if isinstance(d, Device)]) > 200
     assert sleeps and hook.throttled == 0   # it waited on the quota header, never ran into a 429
@@ -203,9 +206,10 @@ def test_spent_quota_with_zero_reset_still_waits(azure_sim_factory, sleeps, monk
         return response
 
     monkeypatch.setattr(hook, "_send", send)
-    hook.get_alerts()
+    query = build_query(ALERT_TYPE)
+    list(hook.iter_resources(query))
     assert not sleeps
-    hook.get_alerts()
+    list(hook.iter_resources(query))
     assert sleeps and sleeps[0] > 0
 
 

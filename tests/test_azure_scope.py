@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta, timezone
 
-from defender_servicenow.azure_models import parse_azure_alert, stable_id
+from defender_servicenow.azure_models import parse_azure_alert, place_alert, stable_id
 from defender_servicenow.azure_scope import alert_device_ids, site_segment, split_by_scope
 from defender_servicenow.cmdb_depth.models import parse_azure_sensor
 from defender_servicenow.hooks.azure import DefenderIoTAzureHook
@@ -123,3 +123,48 @@ async def test_the_trigger_waits_for_the_quota_before_placing_alerts(azure_sim_f
         assert [i for _, i in found] == [stable_id(ours["id"])] and az.sim.counters["throttled"] == 0
     finally:
         await poller.aclose()
+
+
+def _device(rid: str, *addresses: str, sensor: dict | None = None) -> dict:
+    return {"id": rid, "properties": {"nics": [{"ipv4Address": a} for a in addresses],
+                                      **({"sensor": sensor} if sensor else {})}}
+
+
+def _raw_alert(ids, src=None, dst=None) -> dict:
+    return {"id": "/subscriptions/x/alerts/1", "properties": {"extendedProperties": {
+        "DeviceResourceIds": ids, "SourceDeviceAddress": src, "DestinationDeviceAddress": dst}}}
+
+
+def test_an_alert_is_placed_through_the_devices_it_names():
+    s1, s2 = {"name": "sensor-1", "site": "plant-a", "zone": "line-1"}, {"name": "sensor-2", "site": "plant-b"}
+    devices = {"/d/plc": _device("/D/PLC", "10.0.0.5", sensor=s1), "/d/hmi": _device("/d/hmi", "10.0.0.9", sensor=s2)}
+    # Two devices: source and destination by their addresses (in either order), the source's sensor.
+    assert place_alert(_raw_alert(["/d/hmi", "/D/PLC"], "10.0.0.5", "10.0.0.9"), devices) == ("/D/PLC", "/d/hmi", s1)
+    assert place_alert(_raw_alert("/d/hmi,/D/PLC", "10.0.0.9", "10.0.0.5"), devices) == ("/d/hmi", "/D/PLC", s2)
+    # One device whose addresses match neither side: it is the source.
+    assert place_alert(_raw_alert("/D/PLC", "10.9.9.9", "10.9.9.8"), devices) == ("/D/PLC", None, s1)
+    # The destination only: no source; the sensor is the destination's.
+    assert place_alert(_raw_alert(["/D/PLC", "/d/hmi"], "10.7.7.7", "10.0.0.9"), devices) == (None, "/d/hmi", s2)
+    # A device Resource Graph no longer lists: its id still links the CI; no sensor known.
+    assert place_alert(_raw_alert("/d/gone", "10.0.0.1"), devices) == ("/d/gone", None, {})
+    assert place_alert(_raw_alert(None), devices) == (None, None, {})
+
+
+def test_forwarded_cloud_alerts_carry_their_device_and_sensor_for_one_query_per_100_devices(azure_sim_factory):
+    az = azure_sim_factory("az_place", devices=300, alerts=150, quota=1000)
+    by_id = {d["id"].lower(): d for d in az.sim.devices}
+    named = {a["properties"]["extendedProperties"]["DeviceResourceIds"].lower() for a in az.sim.alerts}
+    before = az.sim.counters["arg"]
+    alerts = [a for a in DefenderIoTAzureHook(az.conn_id).get_alerts() if isinstance(a, Alert)]
+    pages = -(-len(az.sim.alerts) // 1000)
+    assert az.sim.counters["arg"] - before == pages + -(-len(named) // 100)
+    assert len(alerts) == 150
+    for alert in alerts:
+        raw = next(r for r in az.sim.alerts if stable_id(r["id"]) == alert.id)
+        device = by_id[raw["properties"]["extendedProperties"]["DeviceResourceIds"].lower()]
+        sensor = device["properties"]["sensor"]
+        assert alert.source_device_id == stable_id(device["id"])
+        assert (alert.sensor_name, alert.site_name, alert.zone_name) == (sensor["name"], sensor["site"], sensor["zone"])
+    before = az.sim.counters["arg"]
+    DefenderIoTAzureHook(az.conn_id).get_alerts(state="unhandled")   # the closed loop needs no placement
+    assert az.sim.counters["arg"] - before == pages

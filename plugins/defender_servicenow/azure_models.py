@@ -164,11 +164,60 @@ def parse_azure_device(record: Any, *, source: str, source_name: str) -> Device 
         return _invalid(source, record, f"Azure device: {exc}")
 
 
-def parse_azure_alert(record: Any, *, source: str) -> Alert | InvalidRecord:
+def alert_device_ids(raw: Any) -> list[str]:
+    """The device resource ids an alert names (``DeviceResourceIds``: one id, a list, or comma-separated)."""
+    props = raw.get("properties") if isinstance(raw, Mapping) else None
+    ext = props.get("extendedProperties") if isinstance(props, Mapping) else None
+    value = ext.get("DeviceResourceIds") if isinstance(ext, Mapping) else None
+    items = value if isinstance(value, list) else [value]
+    return [part.strip() for item in items if isinstance(item, str) for part in item.split(",") if part.strip()]
+
+
+def _device_addresses(record: Any) -> set[str]:
+    props = record.get("properties") if isinstance(record, Mapping) else None
+    nics = props.get("nics") if isinstance(props, Mapping) else None
+    return {str(n[k]).strip().lower() for n in nics or [] if isinstance(n, Mapping)
+            for k in ("ipv4Address", "ipv6Address", "macAddress") if n.get(k)}
+
+
+def place_alert(raw: Any, devices: Mapping[str, Any]) -> tuple[str | None, str | None, Mapping]:
+    """(source device ARM id, destination device ARM id, the ``sensor`` object {name, site, zone}) of an alert,
+    from the devices it names (``DeviceResourceIds``, which joins to the device records' ``id``).
+
+    ``devices``: lower-case device id -> device record, as read for these alerts. A device is the source
+    (destination) when one of its NIC addresses is ``SourceDeviceAddress`` (``DestinationDeviceAddress``); an
+    alert naming one device whose addresses match neither takes it as its source. The sensor is the source
+    device's, else the destination's, else that of the first device found."""
+    ids = alert_device_ids(raw)
+    ext = raw["properties"].get("extendedProperties") if isinstance(raw.get("properties"), Mapping) else None
+    ext = ext if isinstance(ext, Mapping) else {}
+    src_addr = str(ext.get("SourceDeviceAddress") or "").strip().lower()
+    dst_addr = str(ext.get("DestinationDeviceAddress") or "").strip().lower()
+    found = {rid: devices.get(rid.lower()) for rid in ids}
+    source = next((rid for rid, rec in found.items() if src_addr and src_addr in _device_addresses(rec)), None)
+    destination = next((rid for rid, rec in found.items()
+                        if rid != source and dst_addr and dst_addr in _device_addresses(rec)), None)
+    if source is None and destination is None and len(ids) == 1:
+        source = ids[0]
+    sensor: Mapping = {}
+    for rid in (source, destination, *ids):
+        props = (found.get(rid) or {}).get("properties") if rid else None
+        candidate = props.get("sensor") if isinstance(props, Mapping) else None
+        if isinstance(candidate, Mapping) and candidate:
+            sensor = candidate
+            break
+    return source, destination, sensor
+
+
+def parse_azure_alert(record: Any, *, source: str, devices: Mapping[str, Any] | None = None
+                      ) -> Alert | InvalidRecord:
     """One ARG ``…/devicegroups/alerts`` record -> Alert (or InvalidRecord with the reason).
 
     ``engine`` is ``properties.productComponentName`` (Azure has no engine field); ``handled`` is true
     for status ``Closed``; ``uuid`` is the alert's resource name (the last segment of its ARM id).
+    ``devices`` (lower-case device id -> device record, see :func:`place_alert`): the alert's source and
+    destination device ids (the ids the device sync keys their CIs by: the incident's ``cmdb_ci`` and the
+    rules' protocols come from them) and its sensor, site and zone, which Azure alerts do not carry.
     """
     try:
         rid, props = _resource(record, "alert")
@@ -182,6 +231,7 @@ def parse_azure_alert(record: Any, *, source: str) -> Alert | InvalidRecord:
                              "or High)")
         ext = _obj(props.get("extendedProperties"), "extendedProperties")
         status = _na(props.get("status"), "status")
+        src_rid, dst_rid, sensor = place_alert(record, devices or {})
         return Alert(
             source=source, id=stable_id(rid), uuid=rid.rsplit("/", 1)[-1], time=time,
             title=_na(props.get("displayName"), "displayName") or _na(props.get("alertType")) or "(no title)",
@@ -192,8 +242,11 @@ def parse_azure_alert(record: Any, *, source: str) -> Alert | InvalidRecord:
             remediation_steps=_steps(props.get("remediationSteps")),
             additional_information={str(k): v for k, v in ext.items()} or None,
             handled=None if status is None else status.lower() == "closed",
-            sensor_name=_na(ext.get("SensorName")) or _na(ext.get("SensorId")),
-            zone_name=_na(ext.get("Zone")), site_name=_na(ext.get("Site")),
+            source_device_id=stable_id(src_rid) if src_rid else None,
+            destination_device_id=stable_id(dst_rid) if dst_rid else None,
+            sensor_name=_na(sensor.get("name")) or _na(ext.get("SensorName")) or _na(ext.get("SensorId")),
+            zone_name=_na(sensor.get("zone")) or _na(ext.get("Zone")),
+            site_name=_na(sensor.get("site")) or _na(ext.get("Site")),
             resource_id=rid, status=status,
         )
     except ValidationError as exc:

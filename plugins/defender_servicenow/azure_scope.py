@@ -6,8 +6,10 @@ alert's or a sensor's: an alert names its devices (``properties.extendedProperti
 sensor's site is only the ``/sites/<site>/`` segment of its resource id. So:
 
 * alerts are filtered through their devices: a second query reads which of the alerts' devices are of the
-  wanted sites and sensors (:func:`scope_query`, in chunks of :data:`SCOPE_CHUNK` ids); an alert that names
-  no device cannot be placed and is kept (and counted in the log), never dropped silently;
+  wanted sites and sensors (:func:`read_alert_devices`, in chunks of :data:`SCOPE_CHUNK` ids); an alert that
+  names no device cannot be placed and is kept (and counted in the log), never dropped silently. The same
+  device records give a forwarded alert its sensor, site, zone and device ids (``azure_models.place_alert``),
+  with or without a filter;
 * ``extendedProperties.SensorId`` is not used: the reference does not say whether it holds a sensor's name
   or its id, so the ``sensors`` filter matches the device's ``properties.sensor.name`` as for devices;
 * sensors are filtered on the site segment of their id, matched against the configured names directly or
@@ -16,10 +18,10 @@ sensor's site is only the ``/sites/<site>/`` segment of its resource id. So:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from defender_servicenow.azure_models import DEVICE_TYPE
+from defender_servicenow.azure_models import DEVICE_TYPE, alert_device_ids  # noqa: F401 (re-exported)
 
 SCOPE_CHUNK = 100   # device ids per scope query (keeps the KQL text well under Resource Graph's limits)
 
@@ -54,23 +56,26 @@ def sensors_in_sites(sensors: Iterable[Any], segments: set[str]) -> list[dict]:
     return [s for s in sensors if isinstance(s, dict) and (site_segment(s.get("id")) or "").lower() in segments]
 
 
-def alert_device_ids(raw: Any) -> list[str]:
-    """The device resource ids an alert names (``DeviceResourceIds``: one id, a list, or comma-separated)."""
-    props = raw.get("properties") if isinstance(raw, dict) else None
-    ext = props.get("extendedProperties") if isinstance(props, dict) else None
-    value = ext.get("DeviceResourceIds") if isinstance(ext, dict) else None
-    items = value if isinstance(value, list) else [value]
-    return [part.strip() for item in items if isinstance(item, str) for part in item.split(",") if part.strip()]
-
-
-def scope_queries(device_ids: Iterable[str], sites: tuple[str, ...], sensors: tuple[str, ...]) -> list[str]:
-    """Queries for which of these devices are of the wanted sites and sensors (ids only)."""
+def scope_queries(device_ids: Iterable[str], sites: tuple[str, ...], sensors: tuple[str, ...],
+                  project: str = "id") -> list[str]:
+    """Queries for which of these devices are of the wanted sites and sensors (no filter: all of them that
+    Resource Graph has), projecting ``project``."""
     from defender_servicenow.hooks.azure import _kql_list, build_query
 
     ids = sorted({i.lower() for i in device_ids})
-    return [build_query(DEVICE_TYPE, sites=sites, sensors=sensors, project="id",
+    return [build_query(DEVICE_TYPE, sites=sites, sensors=sensors, project=project,
                         where=(f"where id in~ ({_kql_list(tuple(ids[k:k + SCOPE_CHUNK]))})",))
             for k in range(0, len(ids), SCOPE_CHUNK)]
+
+
+def read_alert_devices(raws: list[Any], sites: tuple[str, ...], sensors: tuple[str, ...],
+                       run_query: Callable[[str], Iterable[Any]]) -> dict[str, dict]:
+    """Lower-case device id -> device record (``id``, ``properties``) for the devices these alerts name, of
+    the wanted sites and sensors (all of them without a filter): one query per :data:`SCOPE_CHUNK` devices.
+    ``run_query``: the hook's Resource Graph reader."""
+    device_ids = (i for raw in raws for i in alert_device_ids(raw))
+    return {str(r["id"]).lower(): r for q in scope_queries(device_ids, sites, sensors, project="id, properties")
+            for r in run_query(q) if isinstance(r, dict) and r.get("id")}
 
 
 def split_by_scope(alerts: list[Any], scoped_device_ids: set[str]) -> tuple[list[Any], list[Any]]:
@@ -86,12 +91,8 @@ def split_by_scope(alerts: list[Any], scoped_device_ids: set[str]) -> tuple[list
     return kept, unplaced
 
 
-def filter_alerts(raws: list[Any], sites: tuple[str, ...], sensors: tuple[str, ...],
-                  run_query: Callable[[str], Iterable[Any]]) -> tuple[list[Any], int]:
-    """(alerts in scope followed by those naming no device, how many name none); ``run_query``: the hook's
-    Resource Graph reader."""
-    scoped = {str(r.get("id")).lower() for q in scope_queries((i for raw in raws for i in alert_device_ids(raw)),
-                                                             sites, sensors)
-              for r in run_query(q) if isinstance(r, dict)}
-    kept, unplaced = split_by_scope(raws, scoped)
+def filter_alerts(raws: list[Any], devices: Mapping[str, Any]) -> tuple[list[Any], int]:
+    """(alerts in scope followed by those naming no device, how many name none), given the devices in scope
+    (:func:`read_alert_devices` with the filter)."""
+    kept, unplaced = split_by_scope(raws, set(devices))
     return [*kept, *unplaced], len(unplaced)

@@ -190,7 +190,12 @@ class AlertForwarder:
                 valid = list({alert_key(a): a for a in valid}.values())
             todo = valid if replay else [a for a in valid if alert_key(a) not in ledger.done]
             report.seen = len(todo)
-            devices = self._devices(source, dhook, now_ms) if self.rules.needs_protocols and todo else {}
+            by_protocol = self.rules.needs_protocols and getattr(dhook, "reports_protocols", True)
+            if self.rules.needs_protocols and not by_protocol and todo:
+                log.warning("%s reports no device protocols (%s), so the rules that match on protocols (%s) cannot "
+                            "match its alerts; the other rules apply as usual", source, kind,
+                            ", ".join(r.name for r in self.rules.rules if r.needs_protocols))
+            devices = self._devices(source, dhook, now_ms) if by_protocol and todo else {}
         except (IntegrationError, AirflowNotFoundException) as exc:  # one bad source must not stop the others
             report.error = str(exc)
             report.credentials_rejected = isinstance(exc, (DefenderAuthError, ServiceNowAuthError))
@@ -210,7 +215,7 @@ class AlertForwarder:
             dests = parked if parked is not None else dests
             if not dests:
                 report.unmatched += 1
-                unknown = self.rules.needs_protocols and any(
+                unknown = by_protocol and any(
                     i is not None and str(i) not in devices
                     for i in (alert.source_device_id, alert.destination_device_id))
                 if ledger is not None and not self.dry_run and not unknown:   # else decided after a refresh

@@ -27,6 +27,8 @@ class Source(Protocol):
     * ``retires_missing``: a device missing from ``iter_devices`` for N syncs is retired (a sensor's or
       Azure's inventory; a console reports its deletions instead).
     * ``aggregates_sensors``: alerts come from several sensors (per-sensor progress in the health data).
+    * ``reports_protocols``: its devices carry protocols (rules with ``protocols`` can match its alerts;
+      Resource Graph has no device protocols).
 
     Optional capabilities (CMDB depth, ``cmdb_depth``): ``iter_sensors()`` with ``device_sensor_key(device)``
     (which sensor sees a device), and ``supports_connections`` with ``iter_connections()``.
@@ -39,6 +41,7 @@ class Source(Protocol):
     supports_alert_state: bool
     retires_missing: bool
     aggregates_sensors: bool
+    reports_protocols: bool
 
     def iter_devices(self) -> Iterator[Device | InvalidRecord]: ...
 
@@ -75,6 +78,7 @@ class ApplianceSource:
 
     supports_alert_state = supports_deletions
     aggregates_sensors = supports_deletions
+    reports_protocols = True
 
     @property
     def retires_missing(self) -> bool:
@@ -152,6 +156,7 @@ class AzureSource:
     supports_alert_state = True
     retires_missing = True    # Removed/Deleted at once; a resource gone from ARG after N syncs
     aggregates_sensors = True
+    reports_protocols = False  # Resource Graph has no device protocols
 
     def __init__(self, hook):
         self.hook = hook

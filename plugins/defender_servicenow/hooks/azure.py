@@ -444,7 +444,9 @@ class DefenderIoTAzureHook(BaseHook):
     def get_alerts(self, from_time: datetime | None = None, to_time: datetime | None = None,
                    state: str | None = None) -> list[Alert | InvalidRecord]:
         """Alerts by ``startTimeUtc`` window, sorted by (time, id); invalid records at the end.
-        ``state``: ``unhandled`` (status not Closed), ``handled`` (Closed) or None."""
+        ``state``: ``unhandled`` (status not Closed), ``handled`` (Closed) or None. Listed for forwarding
+        (``state`` None), alerts carry their devices' ids, sensor, site and zone (one more Resource Graph
+        query per 100 devices named; :func:`~defender_servicenow.azure_models.place_alert`)."""
         if state not in (None, "handled", "unhandled"):
             raise ConfigError(f"state must be 'handled', 'unhandled' or None, not {state!r}")
         where = []
@@ -456,14 +458,17 @@ class DefenderIoTAzureHook(BaseHook):
             where.append(f"where properties.status {'=~' if state == 'handled' else '!~'} 'Closed'")
         s = self.settings
         raws = list(self.iter_resources(build_query(ALERT_TYPE, where=tuple(where))))
-        if s.sites or s.sensors:   # through the alerts' devices (azure_scope.py)
-            from defender_servicenow.azure_scope import filter_alerts
+        devices: dict[str, dict] = {}
+        if raws and (state is None or s.sites or s.sensors):   # the alerts' devices (azure_scope.py)
+            from defender_servicenow.azure_scope import filter_alerts, read_alert_devices
 
-            raws, unplaced = filter_alerts(raws, s.sites, s.sensors, self.iter_resources)
-            if unplaced:
-                self.log.warning("%d alerts from %s name no device (DeviceResourceIds), so their site and sensor "
-                                 "are unknown: kept despite the sites/sensors filter", unplaced, s.conn_id)
-        records = [parse_azure_alert(raw, source=s.conn_id) for raw in raws]
+            devices = read_alert_devices(raws, s.sites, s.sensors, self.iter_resources)
+            if s.sites or s.sensors:
+                raws, unplaced = filter_alerts(raws, devices)
+                if unplaced:
+                    self.log.warning("%d alerts from %s name no device (DeviceResourceIds), so their site and "
+                                     "sensor are unknown: kept despite the sites/sensors filter", unplaced, s.conn_id)
+        records = [parse_azure_alert(raw, source=s.conn_id, devices=devices) for raw in raws]
         alerts = sorted((r for r in records if isinstance(r, Alert)), key=lambda a: (a.time, a.id))
         invalid = [r for r in records if isinstance(r, InvalidRecord)]
         self.log.info("Read %d alerts from %s (Azure)%s", len(alerts), s.conn_id,
