@@ -36,9 +36,9 @@ class ServiceError(RuntimeError):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from include.simulators.runner import free_port
+
+    return free_port()
 
 
 def postgres_bin() -> Path | None:

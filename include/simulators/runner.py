@@ -3,16 +3,53 @@ foreground (``python -m include.simulators.<name> --port N``)."""
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+PORT_FLOOR = 20000   # ports are picked from here up to just below the kernel's ephemeral range
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux default 32768-60999)."""
+    try:
+        low, high = (int(v) for v in EPHEMERAL_RANGE_FILE.read_text().split()[:2])
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A loopback port that is free now, for a server started a little later (a simulator, Airflow's API
+    server, Postgres, Redis).
+
+    Taken at random below the kernel's ephemeral range: a port the kernel hands out itself (``bind(0)``) lies
+    in that range, where any outgoing connection made meanwhile (Airflow's processes open many) can take it
+    before the server binds it ("address already in use"); random, so that two test runs on one machine
+    rarely pick the same one."""
+    low = ephemeral_range()[0]
+    if low - PORT_FLOOR >= 1000:
+        pick = random.SystemRandom()
+        for _ in range(100):
+            port = pick.randrange(PORT_FLOOR, low)
+            if _bindable(port):
+                return port
+    with socket.socket() as sock:   # an unusual ephemeral range: the kernel's pick
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
