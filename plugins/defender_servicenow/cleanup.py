@@ -36,7 +36,7 @@ from defender_servicenow.exceptions import (
     ServiceNowForbiddenError,
     ServiceNowInvalidTableError,
 )
-from defender_servicenow.hooks.servicenow import sys_id_of as _ref
+from defender_servicenow.hooks.servicenow_wire import sys_id_of as _ref
 
 log = logging.getLogger(__name__)
 
@@ -491,7 +491,7 @@ class Report:
 
 
 def _batch_requests(actions: list[Action]):
-    from defender_servicenow.hooks.servicenow import BatchRequest
+    from defender_servicenow.hooks.servicenow_wire import BatchRequest
 
     return [BatchRequest(id=str(i), method=a.method, url=f"/api/now/table/{a.url_table}/{a.sys_id}", body=a.body)
             for i, a in enumerate(actions)]
