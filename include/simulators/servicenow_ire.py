@@ -14,14 +14,8 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
-from include.simulators.servicenow_core import (
-    SYS_ID,
-    Reply,
-    Simulator,
-    error,
-    now_str,
-    to_str,
-)
+from include.simulators.servicenow_base import SYS_ID, Reply, error, now_str, to_str
+from include.simulators.servicenow_core import Simulator
 from include.simulators.servicenow_schema import CI_REFERENCE_FIELDS, HARDWARE_RULE_ID
 
 # Related entries (not used for identification): table -> (reference to the CI, field that keys a row per CI;

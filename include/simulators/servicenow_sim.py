@@ -26,7 +26,8 @@ import jinja2
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from include.simulators.servicenow_core import (  # noqa: F401  (re-exported contract names)
+from include.simulators.servicenow_api import _route_label
+from include.simulators.servicenow_base import (  # noqa: F401  (re-exported contract names)
     JSON_TYPE,
     SIM_CLIENT_ID,
     SIM_CLIENT_SECRET,
@@ -34,10 +35,9 @@ from include.simulators.servicenow_core import (  # noqa: F401  (re-exported con
     SIM_USER,
     Reply,
     SimConfig,
-    Simulator,
-    _route_label,
     error,
 )
+from include.simulators.servicenow_core import Simulator
 from include.simulators.servicenow_schema import BAD_GATEWAY_PAGE, HIBERNATION_PAGE
 
 __all__ = ["SIM_USER", "SIM_PASSWORD", "SIM_CLIENT_ID", "SIM_CLIENT_SECRET", "SimConfig", "Simulator", "create_app"]

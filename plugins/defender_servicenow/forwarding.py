@@ -50,8 +50,8 @@ from defender_servicenow.forwarding_state import (  # noqa: F401  (re-exported f
     watch_start_key,
     watermark_key,
 )
-from defender_servicenow.hooks.servicenow import in_queries
-from defender_servicenow.hooks.servicenow import sys_id_of as _ref
+from defender_servicenow.hooks.servicenow_wire import in_queries
+from defender_servicenow.hooks.servicenow_wire import sys_id_of as _ref
 from defender_servicenow.ledger import (
     LEGACY_MARGIN_MS,
     Ledger,
@@ -455,7 +455,7 @@ class AlertForwarder:
             log.info("Dry run: would create %d %s records on %s for alerts %s", len(create), dest.table,
                      dest.connection_id, ", ".join(str(c.alert.id) for c in create))
             return
-        from defender_servicenow.hooks.servicenow import BatchRequest
+        from defender_servicenow.hooks.servicenow_wire import BatchRequest
 
         requests_ = [BatchRequest(id=str(i), method="POST",
                                   url=f"/api/now/table/{dest.table}?sysparm_fields=sys_id,number",

@@ -10,7 +10,7 @@ from defender_servicenow.exceptions import (
     ServiceNowForbiddenError,
     ServiceNowInvalidTableError,
 )
-from defender_servicenow.hooks.servicenow import BatchRequest
+from defender_servicenow.hooks.servicenow_wire import BatchRequest
 
 log = logging.getLogger("defender_servicenow.sync")
 

@@ -39,7 +39,7 @@ from defender_servicenow.exceptions import (
     ConfigError,
     ServiceNowError,
 )
-from defender_servicenow.hooks.servicenow import sys_id_of as _ref
+from defender_servicenow.hooks.servicenow_wire import sys_id_of as _ref
 from defender_servicenow.manufacturers import ManufacturerResolver
 from defender_servicenow.mapping import (
     ClassMapping,

@@ -30,7 +30,7 @@ from defender_servicenow.cmdb_depth.models import Cve
 from defender_servicenow.cmdb_depth.state import DepthState, device_cis
 from defender_servicenow.cmdb_depth.summary import DepthSummary
 from defender_servicenow.exceptions import ServiceNowInvalidTableError
-from defender_servicenow.hooks.servicenow import BatchRequest, ire_item_errors
+from defender_servicenow.hooks.servicenow_wire import BatchRequest, ire_item_errors
 from defender_servicenow.models import InvalidRecord
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from defender_servicenow.hooks.servicenow import BatchRequest, sys_id_of
+from defender_servicenow.hooks.servicenow_wire import BatchRequest, sys_id_of
 
 log = logging.getLogger(__name__)
 

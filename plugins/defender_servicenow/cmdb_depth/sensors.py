@@ -19,7 +19,7 @@ from defender_servicenow.cmdb_depth.models import Sensor
 from defender_servicenow.cmdb_depth.state import DepthState, device_cis
 from defender_servicenow.cmdb_depth.summary import DepthSummary
 from defender_servicenow.exceptions import ServiceNowError
-from defender_servicenow.hooks.servicenow import ire_item_errors
+from defender_servicenow.hooks.servicenow_wire import ire_item_errors
 from defender_servicenow.mapping import clean_text, payload_digest
 from defender_servicenow.models import Device, InvalidRecord
 from defender_servicenow.sync import RETIRED

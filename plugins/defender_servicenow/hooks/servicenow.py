@@ -8,7 +8,6 @@ extras ``client_id``, ``client_secret``, ``auth_type`` (``oauth_password`` defau
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import threading
@@ -18,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import requests
 from airflow.sdk import BaseHook
@@ -28,123 +27,32 @@ from defender_servicenow.exceptions import (
     ServiceNowAuthError,
     ServiceNowBadResponseError,
     ServiceNowError,
-    ServiceNowForbiddenError,
-    ServiceNowHibernatingError,
     ServiceNowInvalidTableError,
-    ServiceNowRateLimitedError,
-    ServiceNowTransactionCancelledError,
     ServiceNowUnavailableError,
 )
-from defender_servicenow.hooks._http import Pacer, build_session, make_retry, parse_number, parse_verify
+from defender_servicenow.hooks._http import Pacer, build_session, make_retry
+from defender_servicenow.hooks.servicenow_answers import ServiceNowAnswers
+from defender_servicenow.hooks.servicenow_connection import (  # noqa: F401  (re-exported for callers)
+    AUTH_TYPES,
+    ServiceNowSettings,
+    parse_connection,
+)
+from defender_servicenow.hooks.servicenow_wire import (  # noqa: F401  (re-exported for callers)
+    MAX_QUERY_CHARS,
+    BatchRequest,
+    BatchResponse,
+    in_queries,
+    ire_item_errors,
+    sys_id_of,
+)
+from defender_servicenow.hooks.servicenow_wire import batch_item as _batch_item
+from defender_servicenow.hooks.servicenow_wire import batch_response as _batch_response
+from defender_servicenow.hooks.servicenow_wire import next_offset as _next_offset
 
-AUTH_TYPES = ("oauth_password", "oauth_client_credentials", "basic")
 TOKEN_PATH = "/oauth_token.do"
 BATCH_PATH = "/api/now/v1/batch"
 _TABLE_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 _EXCERPT = 200
-
-
-@dataclass(frozen=True)
-class ServiceNowSettings:
-    """The connection, parsed and validated (secrets included: never log this object)."""
-
-    conn_id: str
-    base_url: str
-    auth_type: str
-    username: str | None
-    password: str | None = None
-    client_id: str | None = None
-    client_secret: str | None = None
-    verify: bool | str = True
-    proxy: str | None = None
-    timeout: float = 30.0
-    requests_per_hour: float | None = None
-
-    def __repr__(self) -> str:  # keep secrets out of tracebacks and debuggers
-        return f"ServiceNowSettings(conn_id={self.conn_id!r}, base_url={self.base_url!r}, auth_type={self.auth_type!r})"
-
-    @property
-    def secrets(self) -> list[str]:
-        proxy_password = urlsplit(self.proxy).password if self.proxy else None
-        return [s for s in (self.password, self.client_secret, proxy_password) if s]
-
-
-def parse_connection(conn: Any) -> ServiceNowSettings:
-    """Turn an Airflow connection into :class:`ServiceNowSettings` (pure; plain errors)."""
-    cid = conn.conn_id
-    extra = conn.extra_dejson or {}
-    host = (conn.host or "").strip().rstrip("/")
-    if not host:
-        raise ServiceNowError(f"Connection {cid!r} has no host: set it to the instance URL, "
-                              "e.g. https://dev12345.service-now.com")
-    if "://" not in host:
-        host = "https://" + host
-    parts = urlsplit(host)
-    netloc = parts.netloc
-    if conn.port and ":" not in netloc:
-        netloc = f"{netloc}:{conn.port}"
-    client_id = (extra.get("client_id") or "").strip() or None
-    client_secret = extra.get("client_secret") or None
-    auth_type = (extra.get("auth_type") or "").strip().lower() or ("oauth_password" if client_id else "basic")
-    if auth_type not in AUTH_TYPES:
-        raise ServiceNowAuthError(f"Connection {cid!r}: extra auth_type={auth_type!r} is not one of "
-                                  f"{', '.join(AUTH_TYPES)}")
-    if auth_type.startswith("oauth") and not (client_id and client_secret):
-        raise ServiceNowAuthError(f"Connection {cid!r}: auth_type {auth_type} needs the extras client_id and "
-                                  "client_secret (from the instance's Application Registry)")
-    if auth_type != "oauth_client_credentials" and not (conn.login and conn.password):
-        raise ServiceNowAuthError(f"Connection {cid!r}: auth_type {auth_type} needs a login and a password")
-    try:
-        timeout = parse_number(extra.get("timeout"), 30.0, field="timeout")
-        rph = parse_number(extra.get("requests_per_hour"), None, field="requests_per_hour")
-    except ValueError as exc:
-        raise ServiceNowError(f"Connection {cid!r}: {exc}") from None
-    return ServiceNowSettings(
-        conn_id=cid, base_url=f"{parts.scheme}://{netloc}", auth_type=auth_type, username=conn.login or None,
-        password=conn.password or None, client_id=client_id, client_secret=client_secret,
-        verify=parse_verify(extra.get("verify")), proxy=(extra.get("proxy") or "").strip() or None,
-        timeout=timeout, requests_per_hour=rph,
-    )
-
-
-@dataclass(frozen=True)
-class BatchRequest:
-    """One item of a Batch API call; ``url`` is relative, e.g. ``/api/now/table/incident``."""
-
-    id: str
-    method: str
-    url: str
-    body: dict | None = None
-
-
-@dataclass(frozen=True)
-class BatchResponse:
-    """The answer to one :class:`BatchRequest`: status, decoded JSON body and a plain error message."""
-
-    id: str
-    status_code: int
-    body: dict | None
-    error_message: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.status_code < 300 and not self.error_message
-
-
-def ire_item_errors(result: dict) -> dict[int, list[dict]]:
-    """Per-input-item IRE errors: ``{input index: [{"error": CODE, "message": text}, ...]}``.
-
-    The IRE answers HTTP 200 even when items fail; an item that committed nothing carries ``errors``.
-    """
-    found: dict[int, list[dict]] = {}
-    for position, item in enumerate(result.get("items") or []):
-        errors = item.get("errors") or []
-        if not errors:
-            continue
-        indices = [i for i in (item.get("inputIndices") or []) if isinstance(i, int)] or [position]
-        for index in indices:
-            found.setdefault(index, []).extend(errors)
-    return found
 
 
 @dataclass
@@ -155,31 +63,7 @@ class _Token:
     grant: str
 
 
-def sys_id_of(value: Any) -> str:
-    """A reference field's sys_id, whether ServiceNow sent it plain or as ``{"link", "value"}``."""
-    return (value.get("value") or "") if isinstance(value, dict) else (value or "")
-
-
-MAX_QUERY_CHARS = 6000  # encoded IN-queries stay well below URL length limits (414 Request-URI Too Long)
-
-
-def in_queries(field_name: str, values: Iterable[str], prefix: str = "",
-               max_chars: int = MAX_QUERY_CHARS) -> Iterator[str]:
-    """Encoded ``<field>IN<v1>,<v2>...`` queries, split so that none exceeds ``max_chars``."""
-    head = f"{prefix}^{field_name}IN" if prefix else f"{field_name}IN"
-    part: list[str] = []
-    size = len(head)
-    for value in dict.fromkeys(values):
-        if part and size + len(value) + 1 > max_chars:
-            yield head + ",".join(part)
-            part, size = [], len(head)
-        part.append(value)
-        size += len(value) + 1
-    if part:
-        yield head + ",".join(part)
-
-
-class ServiceNowHook(BaseHook):
+class ServiceNowHook(ServiceNowAnswers, BaseHook):
     """Talk to a ServiceNow instance: Table API, Batch API and the IRE.
 
     :param servicenow_conn_id: the Airflow connection (conn type ``servicenow``).
@@ -390,68 +274,6 @@ class ServiceNowHook(BaseHook):
             return None, resp
         return self._json(method, path, resp), resp
 
-    def _check_hibernating(self, resp: requests.Response) -> None:
-        location = resp.headers.get("Location", "")
-        text = resp.text[:4000] if "html" in resp.headers.get("Content-Type", "").lower() else ""
-        if "hibernat" in text.lower() or (300 <= resp.status_code < 400 and "developer.servicenow.com" in location):
-            raise ServiceNowHibernatingError(
-                f"The instance {self.instance_host} is hibernating (it answered its hibernation page instead "
-                "of the API). Wake it by signing in at https://developer.servicenow.com, then run the task "
-                "again", status=resp.status_code, answer="Instance Hibernating page")
-
-    def _json(self, method: str, path: str, resp: requests.Response) -> Any:
-        try:
-            return resp.json()
-        except ValueError:
-            pass
-        text = resp.text or ""
-        if "Transaction cancelled" in text or text.lstrip()[:1] in ("{", "["):
-            raise ServiceNowTransactionCancelledError(
-                f"{method} {path}: the answer was cut off (truncated JSON"
-                f"{', Transaction cancelled: maximum execution time exceeded' if 'Transaction cancelled' in text else ''}"
-                "). The instance cancelled a transaction that ran too long: ask for fewer rows or fields "
-                "(smaller page or batch size) and run the task again", status=resp.status_code,
-                answer=self._excerpt(text))
-        raise ServiceNowBadResponseError(
-            f"{method} {path}: expected JSON but {self.instance_host} answered "
-            f"{resp.headers.get('Content-Type') or 'no content type'} starting with {self._excerpt(text)!r}. "
-            "Check that the host is the instance URL without a path and that the user may use the REST API",
-            status=resp.status_code, answer=self._excerpt(text))
-
-    def _raise_for(self, method: str, path: str, resp: requests.Response) -> None:
-        status = resp.status_code
-        try:
-            err = (resp.json() or {}).get("error") or {}
-        except (ValueError, AttributeError):
-            err = {}
-        if not isinstance(err, dict):
-            err = {"message": str(err)}
-        message, detail = err.get("message") or "", err.get("detail") or ""
-        said = "; ".join(filter(None, (str(message), str(detail)))) or self._excerpt(resp.text) or "(no body)"
-        said = self._excerpt(said)
-        where = f"{method} {path} answered HTTP {status}: {said}"
-        kw = {"status": status, "answer": said}
-        if status == 401:
-            self._guard_rejected(f"{method} {path} answered HTTP 401")
-            raise ServiceNowAuthError(f"{where}. The {self.settings.auth_type} credentials of connection "
-                                      f"{self.settings.conn_id!r} were not accepted: check them", **kw)
-        if status == 400 and str(message).startswith("Invalid table"):
-            raise ServiceNowInvalidTableError(f"{where}. The table does not exist on {self.instance_host} "
-                                              "(is its plugin installed?) or the user cannot see it", **kw)
-        if status == 403:
-            what = "a data policy" if "Data Policy" in said else "an ACL"
-            raise ServiceNowForbiddenError(f"{where}. {what} refused it: give the integration user the "
-                                           "needed roles or send the mandatory fields", **kw)
-        if status == 429:
-            wait = resp.headers.get("Retry-After") or "?"
-            raise ServiceNowRateLimitedError(
-                f"{where}. Still rate limited after retries (Retry-After {wait} s). Set the connection extra "
-                "requests_per_hour to the instance's rate limit, or raise that limit", **kw)
-        if status >= 500:
-            raise ServiceNowUnavailableError(f"{where}. The instance is failing or overloaded; run the task "
-                                             "again later", **kw)
-        raise ServiceNowError(f"{where}.", **kw)
-
     # ----------------------------------------------------------------------------------- Table API
 
     @staticmethod
@@ -622,47 +444,3 @@ class ServiceNowHook(BaseHook):
         s = self.settings
         who = f"as {s.username}" if s.auth_type != "oauth_client_credentials" else "as the OAuth application user"
         return True, f"Connected to {self.instance_host} {who} ({s.auth_type}) and read the CMDB"
-
-
-def _next_offset(resp: requests.Response, offset: int, page_size: int) -> int | None:
-    """The offset of the next page from ``Link rel="next"``, else from ``X-Total-Count``; None at the end."""
-    link = resp.links.get("next", {}).get("url")
-    if link:
-        try:
-            nxt = int(parse_qs(urlsplit(link).query).get("sysparm_offset", ["-1"])[0])
-        except ValueError:
-            nxt = -1
-        return nxt if nxt > offset else None
-    if resp.headers.get("Link") is not None:
-        return None  # a Link header without next: this was the last page
-    try:
-        total = int(resp.headers.get("X-Total-Count", "0"))
-    except ValueError:
-        return None
-    return offset + page_size if offset + page_size < total else None
-
-
-def _batch_item(r: BatchRequest) -> dict:
-    item = {"id": str(r.id), "method": r.method.upper(), "url": r.url, "exclude_response_headers": True,
-            "headers": [{"name": "Content-Type", "value": "application/json"},
-                        {"name": "Accept", "value": "application/json"}]}
-    if r.body is not None:
-        item["body"] = base64.b64encode(json.dumps(r.body).encode()).decode()
-    return item
-
-
-def _batch_response(item: dict) -> BatchResponse:
-    status = int(item.get("status_code") or 0)
-    body, error = None, item.get("error_message") or None
-    raw = item.get("body")
-    if raw:
-        try:
-            body = json.loads(base64.b64decode(raw))
-        except (ValueError, TypeError):
-            error = error or "the item's body is not base64-encoded JSON"
-    if status >= 400 and not error:
-        err = (body or {}).get("error") if isinstance(body, dict) else None
-        if isinstance(err, dict):
-            error = "; ".join(str(x) for x in (err.get("message"), err.get("detail")) if x)
-        error = error or item.get("status_text") or f"HTTP {status}"
-    return BatchResponse(id=str(item.get("id")), status_code=status, body=body, error_message=error)

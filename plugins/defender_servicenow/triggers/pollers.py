@@ -10,7 +10,7 @@
   answers set :attr:`wait_s`, the least time before the next poll of that source (``-resets-after``).
   Tokens: the client-credentials grant of the hook's connection (same parser), masked, renewed before expiry.
 
-Both share the connection parsers of their hooks (``hooks/connections.py``, ``hooks/azure.py``).
+Both share the connection parsers of their hooks (``hooks/connections.py``, ``hooks/azure_connection.py``).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class AppliancePoller:
 
 class AzurePoller:
     def __init__(self, conn: Any, conn_id: str, lookback_ms: int, page_size: int = 1000):
-        from defender_servicenow.hooks.azure import parse_azure_connection
+        from defender_servicenow.hooks.azure_connection import parse_azure_connection
 
         self.settings = s = parse_azure_connection(conn_id, conn.login, conn.password, conn.extra_dejson)
         mask_secret(s.client_secret)
@@ -94,7 +94,7 @@ class AzurePoller:
         if self._token and time.monotonic() < self._token[1]:
             return self._token[0]
         from defender_servicenow.exceptions import DefenderAuthError
-        from defender_servicenow.hooks.azure import read_token_answer, token_expiry, token_form
+        from defender_servicenow.hooks.azure_connection import read_token_answer, token_expiry, token_form
 
         s = self.settings
         try:
