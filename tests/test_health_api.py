@@ -44,11 +44,31 @@ def _record_state(sync_meta: dict) -> None:
     write_asset_state("defender_device_sync_state", "sensor_ok/meta", sync_meta)
 
 
-@pytest.mark.parametrize("path", ["/defender-servicenow/", "/defender-servicenow/api/health"])
+ROUTES = ["/defender-servicenow/", "/defender-servicenow/api/health"]
+OTHER_PATHS = ["/defender-servicenow/docs", "/defender-servicenow/redoc", "/defender-servicenow/openapi.json",
+               "/defender-servicenow/api/health/", "/defender-servicenow/no-such-page", "/defender-servicenow/api/x"]
+
+
+@pytest.mark.parametrize("path", ROUTES + OTHER_PATHS)
 def test_anonymous_and_forged_tokens_are_refused(client, path):
     assert client.get(path).status_code == 401
     assert client.get(path, headers={"Authorization": "Bearer not-a-jwt"}).status_code == 403
     assert client.get(path, cookies={"_token": "forged"}).status_code == 403
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS"])
+def test_other_methods_are_refused_to_anonymous_users(client, method):
+    for path in ROUTES + OTHER_PATHS[:1]:
+        assert client.request(method, path).status_code == 401, (method, path)
+
+
+def test_a_logged_in_user_gets_200_on_the_routes_and_404_elsewhere(client):
+    headers = {"Authorization": f"Bearer {_token()}"}
+    assert [client.get(p, headers=headers).status_code for p in ROUTES] == [200, 200]
+    for path in OTHER_PATHS:
+        resp = client.get(path, headers=headers)
+        assert resp.status_code == 404, (path, resp.status_code)
+        assert resp.json()["detail"].startswith("No such page"), resp.text   # not an OpenAPI document
 
 
 def test_logged_in_user_gets_the_json_and_no_secret(client):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -62,5 +62,12 @@ def create_app() -> FastAPI:
             context = {"config_error": str(exc), "refresh_seconds": REFRESH_SECONDS}
         return HTMLResponse(_TEMPLATES.get_template("health.html.j2").render(**context),
                             headers={"Cache-Control": "no-store"})
+
+    # Any other path (docs, openapi.json, typos) passes the same authentication first: an anonymous
+    # request learns nothing, not even which paths exist; a logged-in user gets a plain 404.
+    @app.api_route("/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                   include_in_schema=False)
+    def not_found(path: str) -> None:
+        raise HTTPException(status_code=404, detail=f"No such page: /{path} (the page is {URL_PREFIX}/)")
 
     return app
