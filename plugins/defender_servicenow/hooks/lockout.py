@@ -3,7 +3,8 @@ until the connection's settings change or a cool-down passes (``SERVICENOW_AUTH_
 ``DEFENDER_AUTH_COOLDOWN_MINUTES``, default 30), so that repeated runs cannot lock the integration user out.
 
 State: asset ``defender_servicenow_auth``, key ``servicenow:<conn id>`` or ``defender:<conn id>``:
-``{"status": "ok" | "credentials_rejected", "at", "message", "until", "salt", "fingerprint"}``. The
+``{"status": "ok" | "credentials_rejected" | "unreachable", "at", "message", "until", "salt", "fingerprint"}``
+(``unreachable``: the last attempt could not reach the service; it suspends nothing). The
 fingerprint is a salted PBKDF2 (200,000 rounds) of the connection's settings and secret: it tells whether
 the settings changed without storing anything from which the secret can be recovered cheaply.
 """
@@ -35,6 +36,7 @@ class AuthGuard:
         self.cooldown = timedelta(minutes=cooldown_minutes)
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self._status: str | None = None
+        self._rejected_here = False
 
     def check(self, material: str) -> str | None:
         """A plain sentence when logins are suspended for these settings, else None."""
@@ -59,6 +61,15 @@ class AuthGuard:
                                   "until": (now + self.cooldown).isoformat(), "message": message[:300],
                                   "salt": salt, "fingerprint": _fingerprint(material, salt)})
         self._status = "credentials_rejected"
+        self._rejected_here = True
+
+    def unreachable(self, message: str) -> None:
+        """The service could not be reached (connection refused, timeout, proxy, TLS). Recorded for the sync
+        health page; it never replaces a rejection recorded by this hook (that one keeps logins suspended)."""
+        if self._rejected_here or self._status == "unreachable":
+            return
+        self.store.set(self.key, {"status": "unreachable", "at": self.clock().isoformat(), "message": message[:300]})
+        self._status = "unreachable"
 
     def accepted(self) -> None:
         if self._status != "ok":
