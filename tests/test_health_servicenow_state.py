@@ -92,7 +92,8 @@ def test_unreachable_never_replaces_a_rejection_recorded_by_the_same_hook():
     guard.rejected("settings", "OAuth password grant refused (HTTP 401)")
     guard.unreachable("POST /x could not reach sn.example (ConnectTimeout)")
     assert store["servicenow:sn"]["status"] == "credentials_rejected"
-    assert guard.check("settings")                       # logins stay suspended
+    suspended = guard.check("settings")                  # logins stay suspended, saying what the service answered
+    assert "rejected at" in suspended and "(OAuth password grant refused (HTTP 401))" in suspended
     fresh = AuthGuard(store, "servicenow", "sn", cooldown_minutes=30)
     assert fresh.check("other settings") is None         # the admin changed the connection
     fresh.unreachable("POST /x could not reach sn.example (ConnectTimeout)")

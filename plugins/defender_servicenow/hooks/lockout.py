@@ -25,6 +25,15 @@ def _fingerprint(material: str, salt: str) -> str:
     return hashlib.pbkdf2_hmac("sha256", material.encode(), bytes.fromhex(salt), ROUNDS).hex()
 
 
+def _when(value) -> str:
+    """``2026-03-01 12:00:05 UTC`` for people (an unreadable value as it is)."""
+    try:
+        at = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+        return at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (TypeError, ValueError):
+        return str(value)
+
+
 class AuthGuard:
     """:param store: the asset state accessor of ``defender_servicenow_auth`` (sync ``get``/``set``).
     :param kind: ``servicenow`` or ``defender``. :param material: the connection's settings and secret."""
@@ -51,9 +60,10 @@ class AuthGuard:
             return None
         if not same or self.clock() >= until:
             return None
-        return (f"{self.kind} connection {self.conn_id!r}: its credentials were rejected at {record.get('at')}; "
-                f"no login is tried with them until the connection is changed or {until.isoformat()} "
-                f"(lock-out guard). Fix the connection's credentials.")
+        said = f" ({record['message']})" if record.get("message") else ""   # e.g. "<path> answered HTTP 401"
+        return (f"{self.kind} connection {self.conn_id!r}: its credentials were rejected at "
+                f"{_when(record.get('at'))}{said}; no login is tried with them until the connection is changed "
+                f"or {_when(until)} (lock-out guard). Fix the connection's credentials.")
 
     def rejected(self, material: str, message: str) -> None:
         now, salt = self.clock(), os.urandom(16).hex()
