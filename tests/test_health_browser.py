@@ -206,11 +206,29 @@ def test_health_page_shows_a_healthy_and_a_failing_source_and_links_the_log(stac
     browser.save_screenshot(str(tmp_path / "failing-task-log.png"))
 
 
-def test_the_trigger_link_opens_the_dags_trigger_form(stack, browser, tmp_path):
+def _demo_page_address(stack, capsys) -> str:
+    """The sync health page's address as ``make demo`` prints it (scripts/demo.py's banner)."""
+    from types import SimpleNamespace
+
+    from scripts.demo import print_banner
+
+    print_banner(stack, SimpleNamespace(source="console", devices=DEVICES, alert_interval=0, check=True))
+    banner = capsys.readouterr().out
+    line = next(line for line in banner.splitlines() if "Sync health page" in line)
+    return line.split()[3]
+
+
+def test_the_demo_address_and_the_trigger_link_open_the_dags_trigger_form(stack, browser, tmp_path, capsys):
     from selenium.webdriver.common.by import By
 
+    address = _demo_page_address(stack, capsys)
+    assert address == f"{stack.api_url}/plugin/defender-servicenow", address
     _login(browser, stack)
-    _open_page_frame(browser, stack)
+    browser.get(address)    # the address make demo prints shows the page inside the Airflow UI
+    frame = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "iframe[src*='/defender-servicenow/']"),
+                  "the page's frame at the demo's address")[0]
+    browser.switch_to.frame(frame)
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "tr.source"), "the source rows")
     trigger = browser.find_element(By.CSS_SELECTOR, "a.trigger[href$='/dags/defender_device_sync']")
     trigger.click()
     browser.switch_to.default_content()
