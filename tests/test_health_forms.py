@@ -16,6 +16,12 @@ def ui_marks_required(schema: dict) -> bool:
     return bool(kind) and (not isinstance(kind, list) or "null" not in kind)
 
 
+def ui_dropdown_labels(schema: dict) -> list[str]:
+    """The UI's rule (FieldDropdown): one option per ``enum`` value, None shown as "null" (or its display)."""
+    display = schema.get("values_display") or {}
+    return [display.get("null" if v is None else str(v), "null" if v is None else str(v)) for v in schema["enum"]]
+
+
 @pytest.fixture(scope="module")
 def dags():
     from airflow.dag_processing.dagbag import DagBag
@@ -58,3 +64,52 @@ def test_defender_connection_form_offers_no_null_appliance():
     schema = defender["conn-fields"]["appliance"]["schema"]
     assert schema["enum"] == ["sensor", "management_console"]
     assert schema["default"] == "sensor"
+
+
+# ----------------------------------------------------------------- what the live UI is served (REST API)
+
+@pytest.fixture(scope="module")
+def served(airflow_db):
+    """The three DAGs parsed and stored as the dag-processor does, and an authenticated REST client."""
+    from airflow.api_fastapi.app import create_app
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+    from fastapi.testclient import TestClient
+
+    from tests.test_health_api import _token
+
+    DagBundlesManager().sync_bundles_to_db()
+    bag = DagBag(dag_folder=str(ROOT / "dags"), bundle_path=ROOT / "dags", bundle_name="dags-folder")
+    assert not bag.import_errors, bag.import_errors
+    sync_bag_to_db(bag, "dags-folder", None)
+    with TestClient(create_app("core"), base_url="http://testserver") as client:
+        client.headers["Authorization"] = f"Bearer {_token()}"
+        yield client
+
+
+@pytest.mark.airflow_db
+@pytest.mark.parametrize("dag_id", DAG_IDS)
+def test_the_trigger_form_the_ui_gets(served, dag_id):
+    """GET /api/v2/dags/<id>/details is what the UI's trigger form renders (FlexibleForm)."""
+    resp = served.get(f"/api/v2/dags/{dag_id}/details")
+    assert resp.status_code == 200, resp.text
+    params = resp.json()["params"]
+    assert "sources" in params
+    for name, param in params.items():
+        schema = param["schema"]
+        assert schema.get("title"), f"{dag_id}.{name}: no title in the served form"
+        assert param.get("description") or schema.get("description"), f"{dag_id}.{name}: no description"
+    assert not ui_marks_required(params["sources"]["schema"]), params["sources"]
+    assert params["sources"]["value"] in ([], None)
+
+
+@pytest.mark.airflow_db
+def test_the_connection_forms_the_ui_gets(served):
+    """GET /ui/connections/hook_meta (the UI's private API) is what the UI's connection form renders."""
+    resp = served.get("/ui/connections/hook_meta")
+    assert resp.status_code == 200, resp.text
+    meta = {m["connection_type"]: m for m in resp.json()}
+    auth = meta["servicenow"]["extra_fields"]["auth_type"]["schema"]
+    assert ui_dropdown_labels(auth) == ["oauth_password", "oauth_client_credentials", "basic"]
+    appliance = meta["defender_iot"]["extra_fields"]["appliance"]["schema"]
+    assert ui_dropdown_labels(appliance) == ["sensor", "management_console"]

@@ -125,3 +125,19 @@ def test_page_context_labels_ages_and_links():
     assert ctx["failing"] == 1
     assert [d["url"] for d in ctx["dags"]][0] == "/airflow/dags/defender_device_sync"
     assert [age(s) for s in (5, 61, 7200, 3 * 86400)] == ["5 s ago", "1 min ago", "2 h ago", "3 days ago"]
+
+
+def test_the_dags_own_failure_sentence_wins_over_the_failed_task_instance():
+    # The task records its failure just before it ends, so the failed task instance ends a moment later;
+    # the page must still show what the DAG recorded (what the service answered, what to do).
+    recorded = _failure(3, "Sync of a failed: Defender answered 401: the API token was rejected. Fix the token.")
+    instance = {**_failure(2.9, "The device sync of a failed (attempt 2); its log says why.")}
+    src = _one(SourceRecord("a", sync_meta={"last_success": _iso(90), "last_outcome": "failed",
+                                            "last_failure": recorded}, failed_task=instance))
+    assert src["status"] == "failing"
+    assert src["last_failure"]["message"] == recorded["message"] and src["last_failure"]["at"] == recorded["at"]
+    # A later attempt that died without recording anything: the task instance tells.
+    died = {**instance, "try_number": 3}
+    later = _one(SourceRecord("a", sync_meta={"last_success": _iso(90), "last_outcome": "failed",
+                                              "last_failure": recorded}, failed_task=died))
+    assert later["last_failure"]["message"] == died["message"]

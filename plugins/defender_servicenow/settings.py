@@ -82,6 +82,16 @@ def sync_frequency_minutes(environ: dict | None = None) -> int:
                    minimum=MIN_SYNC_FREQUENCY_MINUTES, integer=True, unit="minutes")
 
 
+DEFAULT_HEALTH_REFRESH_SECONDS = 30
+
+
+def health_refresh_seconds(environ: dict | None = None) -> int:
+    """``DEFENDER_HEALTH_REFRESH_SECONDS``: how often the sync health page refreshes itself in the browser.
+    Integer, 2 to 3600, default 30 (read by the API server when it serves the page)."""
+    return _number("DEFENDER_HEALTH_REFRESH_SECONDS", environ, default=DEFAULT_HEALTH_REFRESH_SECONDS,
+                   minimum=2, maximum=3600, integer=True, unit="seconds")
+
+
 def retire_after_missing_runs(environ: dict | None = None) -> int:
     """``DEFENDER_RETIRE_AFTER_MISSING_RUNS``: consecutive successful syncs a device must be missing from a
     sensor's inventory before its CI is retired; integer, minimum 1, default 3."""

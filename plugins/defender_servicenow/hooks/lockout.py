@@ -3,7 +3,8 @@ until the connection's settings change or a cool-down passes (``SERVICENOW_AUTH_
 ``DEFENDER_AUTH_COOLDOWN_MINUTES``, default 30), so that repeated runs cannot lock the integration user out.
 
 State: asset ``defender_servicenow_auth``, key ``servicenow:<conn id>`` or ``defender:<conn id>``:
-``{"status": "ok" | "credentials_rejected", "at", "message", "until", "salt", "fingerprint"}``. The
+``{"status": "ok" | "credentials_rejected" | "unreachable", "at", "message", "until", "salt", "fingerprint"}``
+(``unreachable``: the last attempt could not reach the service; it suspends nothing). The
 fingerprint is a salted PBKDF2 (200,000 rounds) of the connection's settings and secret: it tells whether
 the settings changed without storing anything from which the secret can be recovered cheaply.
 """
@@ -24,6 +25,15 @@ def _fingerprint(material: str, salt: str) -> str:
     return hashlib.pbkdf2_hmac("sha256", material.encode(), bytes.fromhex(salt), ROUNDS).hex()
 
 
+def _when(value) -> str:
+    """``2026-03-01 12:00:05 UTC`` for people (an unreadable value as it is)."""
+    try:
+        at = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+        return at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (TypeError, ValueError):
+        return str(value)
+
+
 class AuthGuard:
     """:param store: the asset state accessor of ``defender_servicenow_auth`` (sync ``get``/``set``).
     :param kind: ``servicenow`` or ``defender``. :param material: the connection's settings and secret."""
@@ -35,6 +45,7 @@ class AuthGuard:
         self.cooldown = timedelta(minutes=cooldown_minutes)
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self._status: str | None = None
+        self._rejected_here = False
 
     def check(self, material: str) -> str | None:
         """A plain sentence when logins are suspended for these settings, else None."""
@@ -49,9 +60,10 @@ class AuthGuard:
             return None
         if not same or self.clock() >= until:
             return None
-        return (f"{self.kind} connection {self.conn_id!r}: its credentials were rejected at {record.get('at')}; "
-                f"no login is tried with them until the connection is changed or {until.isoformat()} "
-                f"(lock-out guard). Fix the connection's credentials.")
+        said = f" ({record['message']})" if record.get("message") else ""   # e.g. "<path> answered HTTP 401"
+        return (f"{self.kind} connection {self.conn_id!r}: its credentials were rejected at "
+                f"{_when(record.get('at'))}{said}; no login is tried with them until the connection is changed "
+                f"or {_when(until)} (lock-out guard). Fix the connection's credentials.")
 
     def rejected(self, material: str, message: str) -> None:
         now, salt = self.clock(), os.urandom(16).hex()
@@ -59,6 +71,15 @@ class AuthGuard:
                                   "until": (now + self.cooldown).isoformat(), "message": message[:300],
                                   "salt": salt, "fingerprint": _fingerprint(material, salt)})
         self._status = "credentials_rejected"
+        self._rejected_here = True
+
+    def unreachable(self, message: str) -> None:
+        """The service could not be reached (connection refused, timeout, proxy, TLS). Recorded for the sync
+        health page; it never replaces a rejection recorded by this hook (that one keeps logins suspended)."""
+        if self._rejected_here or self._status == "unreachable":
+            return
+        self.store.set(self.key, {"status": "unreachable", "at": self.clock().isoformat(), "message": message[:300]})
+        self._status = "unreachable"
 
     def accepted(self) -> None:
         if self._status != "ok":

@@ -153,16 +153,19 @@ class ServiceNowHook(ServiceNowAnswers, BaseHook):
         try:
             return self.session.request(method, url, **self._send_options, **kwargs)
         except requests.exceptions.SSLError as exc:
+            self._guard_unreachable(method, path, exc)
             raise ServiceNowUnavailableError(
                 f"TLS verification failed for {self.base_url} ({type(exc.__context__ or exc).__name__}). "
                 "Set the connection extra verify to the path of the instance's CA bundle "
                 "(or false, only for a test instance)") from None
-        except requests.exceptions.ProxyError:
+        except requests.exceptions.ProxyError as exc:
+            self._guard_unreachable(method, path, exc)
             proxy = urlsplit(self.settings.proxy or "")
             raise ServiceNowUnavailableError(
                 f"The proxy {proxy.hostname}:{proxy.port} refused or failed {method} {path}: check the "
                 "connection extra proxy") from None
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            self._guard_unreachable(method, path, exc)
             raise ServiceNowUnavailableError(
                 f"{method} {path} on {self.base_url} failed after retries ({type(exc).__name__}): the instance "
                 f"is unreachable or too slow (timeout {self.settings.timeout:g} s). Check the host, network "
@@ -185,6 +188,12 @@ class ServiceNowHook(ServiceNowAnswers, BaseHook):
     def _guard_rejected(self, message: str) -> None:
         if self.auth_guard is not None:
             self.auth_guard.rejected(self._guard_material(), message)
+
+    def _guard_unreachable(self, method: str, path: str, exc: Exception) -> None:
+        """Record the connection as unreachable (the sync health page shows it; it suspends nothing)."""
+        if self.auth_guard is not None:
+            self.auth_guard.unreachable(f"{method} {path} could not reach {self.instance_host} "
+                                        f"({type(exc).__name__})")
 
     def _bearer(self, *, renew: bool = False) -> str:
         with self._token_lock:

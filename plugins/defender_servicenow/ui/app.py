@@ -10,17 +10,17 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from defender_servicenow import settings
 from defender_servicenow.exceptions import ConfigError
 from defender_servicenow.ui.health import compute_health
 from defender_servicenow.ui.reader import log_url, read_recorded_state, ui_base_path
 from defender_servicenow.ui.view import page_context
 
 URL_PREFIX = "/defender-servicenow"
-REFRESH_SECONDS = 30
 _TEMPLATES = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
                          autoescape=select_autoescape(["html", "j2"]))
 
@@ -56,11 +56,20 @@ def create_app() -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     def page(request: Request) -> HTMLResponse:
+        refresh = settings.DEFAULT_HEALTH_REFRESH_SECONDS
         try:
-            context = page_context(_health(), ui_base_path(), refresh_seconds=REFRESH_SECONDS)
+            refresh = settings.health_refresh_seconds()
+            context = page_context(_health(), ui_base_path(), refresh_seconds=refresh)
         except ConfigError as exc:  # invalid DEFENDER_* settings: say which, as the DAGs' import errors do
-            context = {"config_error": str(exc), "refresh_seconds": REFRESH_SECONDS}
+            context = {"config_error": str(exc), "refresh_seconds": refresh}
         return HTMLResponse(_TEMPLATES.get_template("health.html.j2").render(**context),
                             headers={"Cache-Control": "no-store"})
+
+    # Any other path (docs, openapi.json, typos) passes the same authentication first: an anonymous
+    # request learns nothing, not even which paths exist; a logged-in user gets a plain 404.
+    @app.api_route("/{path:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                   include_in_schema=False)
+    def not_found(path: str) -> None:
+        raise HTTPException(status_code=404, detail=f"No such page: /{path} (the page is {URL_PREFIX}/)")
 
     return app

@@ -85,6 +85,13 @@ def _failure(raw, log_url: LogUrl) -> dict | None:
     return {"at": iso(at), "message": message, "log_url": url}
 
 
+def _same_attempt(recorded, task: dict | None) -> bool:
+    """Did the DAG record its own failure for this failed task instance (same run, task, map index, try)?"""
+    recorded = _dict(recorded)
+    return bool(task) and all(recorded.get(k) == task.get(k) for k in ("dag_id", "run_id", "task_id", "map_index")) \
+        and recorded.get("try_number", task.get("try_number")) == task.get("try_number")
+
+
 def _latest(*failures: dict | None) -> dict | None:
     present = [f for f in failures if f]
     return max(present, key=lambda f: parse_time(f["at"])) if present else None
@@ -120,7 +127,10 @@ def _sync_failed(meta: dict, sync_failure: dict | None, last_success: datetime |
 def source_health(record: SourceRecord, *, now: datetime, stale_after: timedelta, log_url: LogUrl) -> dict:
     meta, status = _dict(record.sync_meta), _dict(record.alert_status)
     last_success = parse_time(meta.get("last_success"))
-    sync_failure = _latest(_failure(meta.get("last_failure"), log_url), _failure(record.failed_task, log_url))
+    # The failed task instance is only the fallback: when the task recorded why it failed (it does so just
+    # before it ends, so the instance's end date is later), the DAG's own sentence is shown.
+    fallback = None if _same_attempt(meta.get("last_failure"), record.failed_task) else record.failed_task
+    sync_failure = _latest(_failure(meta.get("last_failure"), log_url), _failure(fallback, log_url))
     alert_failure = _failure(status.get("last_failure"), log_url)
     kind = next((k for k in (meta.get("kind"), status.get("kind"), record.connection_kind) if k in KINDS), None)
 
