@@ -36,7 +36,6 @@ def _use_servicenow(monkeypatch, host: str, password: str) -> None:
 def _page_state() -> tuple[dict, dict]:
     """(the health document's ``servicenow`` part, the raw record), as the page reads them."""
     from airflow.utils.session import create_session
-
     from defender_servicenow.ui.health import compute_health
     from defender_servicenow.ui.reader import read_recorded_state
 
