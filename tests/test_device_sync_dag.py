@@ -6,6 +6,7 @@ fresh (DagBag on the one file).
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -167,13 +168,24 @@ def test_management_console_rerun_after_outage_duplicates_nothing(airflow_db, mo
     defender_sim_factory(mode="management_console", devices=250, sensors=2, conn_id="dagtest_cm")
     monkeypatch.setenv("DEFENDER_SOURCES", "dagtest_cm")
     sn = servicenow_conn.sim
-    real, calls = ServiceNowHook.identify_reconcile, []
+    real, calls, lock = ServiceNowHook.identify_reconcile, [], threading.Lock()
+    first_two_done, outage = threading.Semaphore(0), threading.Event()
 
     def flaky(self, *args, **kw):                         # ServiceNow answers 503 from the 3rd IRE call on
-        calls.append(1)
-        if len(calls) == 3:
+        with lock:
+            calls.append(1)
+            n = len(calls)
+        if n == 3:   # the first two calls may still be in flight (4 in parallel): let them land first
+            assert first_two_done.acquire(timeout=120) and first_two_done.acquire(timeout=120)
             sn.set_faults(fail_next={"count": 100000, "status": 503, "path_prefix": "/api/now/identifyreconcile"})
-        return real(self, *args, **kw)
+            outage.set()
+        elif n > 3:
+            assert outage.wait(timeout=120)
+        try:
+            return real(self, *args, **kw)
+        finally:
+            if n <= 2:
+                first_two_done.release()
 
     monkeypatch.setattr(ServiceNowHook, "identify_reconcile", flaky)
     failed = run_dag()
