@@ -99,3 +99,23 @@ def test_unreachable_never_replaces_a_rejection_recorded_by_the_same_hook():
     assert store["servicenow:sn"]["status"] == "unreachable" and fresh.check("other settings") is None
     fresh.accepted()
     assert store["servicenow:sn"]["status"] == "ok"
+
+
+def test_unreachable_never_replaces_a_rejection_another_task_recorded_meanwhile():
+    """Two tasks on one ServiceNow connection (the mapped syncs, the forwarding): one is refused, the other then
+    cannot reach the instance. The rejection must stay, else the next runs log in again with refused
+    credentials (the lock-out the guard is there to prevent)."""
+    from defender_servicenow.hooks.lockout import AuthGuard
+
+    store = _Store({"servicenow:sn": {"status": "ok", "at": "2026-01-01T00:00:00+00:00"}})
+    refused, cut_off = (AuthGuard(store, "servicenow", "sn", cooldown_minutes=30) for _ in range(2))
+    assert refused.check("settings") is None and cut_off.check("settings") is None
+    refused.rejected("settings", "OAuth password grant refused (HTTP 401)")
+    cut_off.unreachable("POST /x could not reach sn.example (ConnectTimeout)")
+    assert store["servicenow:sn"]["status"] == "credentials_rejected"
+    assert "rejected at" in AuthGuard(store, "servicenow", "sn", cooldown_minutes=30).check("settings")
+    # A rejection of other settings (the admin has changed the connection since) does not hold it back.
+    other = AuthGuard(store, "servicenow", "sn", cooldown_minutes=30)
+    assert other.check("new settings") is None
+    other.unreachable("POST /x could not reach sn.example (ConnectTimeout)")
+    assert store["servicenow:sn"]["status"] == "unreachable"
