@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta, timezone
 
-from defender_servicenow.azure_models import parse_azure_alert, place_alert, stable_id
+from defender_servicenow.azure_models import alert_device_ids, parse_azure_alert, place_alert, stable_id
 from defender_servicenow.azure_scope import alert_device_ids, site_segment, split_by_scope
 from defender_servicenow.cmdb_depth.models import parse_azure_sensor
 from defender_servicenow.hooks.azure import DefenderIoTAzureHook
@@ -148,6 +148,17 @@ def test_an_alert_is_placed_through_the_devices_it_names():
     # A device Resource Graph no longer lists: its id still links the CI; no sensor known.
     assert place_alert(_raw_alert("/d/gone", "10.0.0.1"), devices) == ("/d/gone", None, {})
     assert place_alert(_raw_alert(None), devices) == (None, None, {})
+
+
+def test_an_alert_naming_one_device_twice_is_placed_as_naming_it_once():
+    """ARM ids are case-insensitive: the same device named twice (in any case) is one device, the alert's
+    source, and never both its source and its destination."""
+    s1 = {"name": "sensor-1", "site": "plant-a"}
+    devices = {"/d/plc": _device("/D/PLC", "10.0.0.5", sensor=s1)}
+    assert place_alert(_raw_alert(["/D/PLC", "/d/plc"], "10.9.9.9"), devices) == ("/D/PLC", None, s1)
+    assert place_alert(_raw_alert("/D/PLC,/D/PLC"), devices) == ("/D/PLC", None, s1)
+    assert alert_device_ids(_raw_alert(["/d/hmi, /D/PLC", "/d/plc", "/D/HMI"])) == ["/d/hmi", "/D/PLC"]
+    assert place_alert(_raw_alert(["/D/PLC", "/d/plc"], "10.0.0.5", "10.0.0.5"), devices) == ("/D/PLC", None, s1)
 
 
 def test_forwarded_cloud_alerts_carry_their_device_and_sensor_for_one_query_per_100_devices(azure_sim_factory):
