@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta, timezone
 
-from defender_servicenow.azure_models import alert_device_ids, parse_azure_alert, place_alert, stable_id
+from defender_servicenow.azure_models import parse_azure_alert, place_alert, stable_id
 from defender_servicenow.azure_scope import alert_device_ids, site_segment, split_by_scope
 from defender_servicenow.cmdb_depth.models import parse_azure_sensor
 from defender_servicenow.hooks.azure import DefenderIoTAzureHook
