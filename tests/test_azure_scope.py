@@ -150,6 +150,17 @@ def test_an_alert_is_placed_through_the_devices_it_names():
     assert place_alert(_raw_alert(None), devices) == (None, None, {})
 
 
+def test_an_alert_naming_one_device_twice_is_placed_as_naming_it_once():
+    """ARM ids are case-insensitive: the same device named twice (in any case) is one device, the alert's
+    source, and never both its source and its destination."""
+    s1 = {"name": "sensor-1", "site": "plant-a"}
+    devices = {"/d/plc": _device("/D/PLC", "10.0.0.5", sensor=s1)}
+    assert place_alert(_raw_alert(["/D/PLC", "/d/plc"], "10.9.9.9"), devices) == ("/D/PLC", None, s1)
+    assert place_alert(_raw_alert("/D/PLC,/D/PLC"), devices) == ("/D/PLC", None, s1)
+    assert alert_device_ids(_raw_alert(["/d/hmi, /D/PLC", "/d/plc", "/D/HMI"])) == ["/d/hmi", "/D/PLC"]
+    assert place_alert(_raw_alert(["/D/PLC", "/d/plc"], "10.0.0.5", "10.0.0.5"), devices) == ("/D/PLC", None, s1)
+
+
 def test_forwarded_cloud_alerts_carry_their_device_and_sensor_for_one_query_per_100_devices(azure_sim_factory):
     az = azure_sim_factory("az_place", devices=300, alerts=150, quota=1000)
     by_id = {d["id"].lower(): d for d in az.sim.devices}

@@ -51,7 +51,7 @@ def _state(dagrun) -> str:
 
 
 def test_unreachable_then_rejected_then_ok(airflow_db, monkeypatch, defender_sim_factory, servicenow_sim,
-                                           fast_servicenow_retries, capfd):  # noqa: F811
+                                           fast_servicenow_retries, capfd, caplog):  # noqa: F811
     defender_sim_factory(mode="sensor", devices=4, seed=31, conn_id=SOURCE)
     monkeypatch.setenv("DEFENDER_SOURCES", SOURCE)
     monkeypatch.setenv("SERVICENOW_CONN_ID", CONN_ID)
@@ -73,8 +73,10 @@ def test_unreachable_then_rejected_then_ok(airflow_db, monkeypatch, defender_sim
     shown, record = _page_state()
     assert shown["status"] == "ok", record
 
-    out, err = capfd.readouterr()
-    assert wrong not in json.dumps(record) + out + err and SIM_PASSWORD not in out + err
+    out, err = capfd.readouterr()   # after other Airflow tests the task logs reach only the log records
+    said = out + err + caplog.text
+    assert wrong not in json.dumps(record) + said and SIM_PASSWORD not in said
+    assert "failed after retries (ConnectionError)" in said   # the logs were read at all
 
 
 class _Store(dict):
@@ -99,3 +101,23 @@ def test_unreachable_never_replaces_a_rejection_recorded_by_the_same_hook():
     assert store["servicenow:sn"]["status"] == "unreachable" and fresh.check("other settings") is None
     fresh.accepted()
     assert store["servicenow:sn"]["status"] == "ok"
+
+
+def test_unreachable_never_replaces_a_rejection_another_task_recorded_meanwhile():
+    """Two tasks on one ServiceNow connection (the mapped syncs, the forwarding): one is refused, the other then
+    cannot reach the instance. The rejection must stay, else the next runs log in again with refused
+    credentials (the lock-out the guard is there to prevent)."""
+    from defender_servicenow.hooks.lockout import AuthGuard
+
+    store = _Store({"servicenow:sn": {"status": "ok", "at": "2026-01-01T00:00:00+00:00"}})
+    refused, cut_off = (AuthGuard(store, "servicenow", "sn", cooldown_minutes=30) for _ in range(2))
+    assert refused.check("settings") is None and cut_off.check("settings") is None
+    refused.rejected("settings", "OAuth password grant refused (HTTP 401)")
+    cut_off.unreachable("POST /x could not reach sn.example (ConnectTimeout)")
+    assert store["servicenow:sn"]["status"] == "credentials_rejected"
+    assert "rejected at" in AuthGuard(store, "servicenow", "sn", cooldown_minutes=30).check("settings")
+    # A rejection of other settings (the admin has changed the connection since) does not hold it back.
+    other = AuthGuard(store, "servicenow", "sn", cooldown_minutes=30)
+    assert other.check("new settings") is None
+    other.unreachable("POST /x could not reach sn.example (ConnectTimeout)")
+    assert store["servicenow:sn"]["status"] == "unreachable"

@@ -165,12 +165,17 @@ def parse_azure_device(record: Any, *, source: str, source_name: str) -> Device 
 
 
 def alert_device_ids(raw: Any) -> list[str]:
-    """The device resource ids an alert names (``DeviceResourceIds``: one id, a list, or comma-separated)."""
+    """The device resource ids an alert names (``DeviceResourceIds``: one id, a list, or comma-separated),
+    each once (ARM ids are case-insensitive: the first spelling is kept)."""
     props = raw.get("properties") if isinstance(raw, Mapping) else None
     ext = props.get("extendedProperties") if isinstance(props, Mapping) else None
     value = ext.get("DeviceResourceIds") if isinstance(ext, Mapping) else None
     items = value if isinstance(value, list) else [value]
-    return [part.strip() for item in items if isinstance(item, str) for part in item.split(",") if part.strip()]
+    ids = (part.strip() for item in items if isinstance(item, str) for part in item.split(",") if part.strip())
+    first: dict[str, str] = {}
+    for rid in ids:
+        first.setdefault(rid.lower(), rid)
+    return list(first.values())
 
 
 def _device_addresses(record: Any) -> set[str]:

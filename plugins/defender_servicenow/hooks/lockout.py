@@ -46,9 +46,11 @@ class AuthGuard:
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self._status: str | None = None
         self._rejected_here = False
+        self._material: str | None = None
 
     def check(self, material: str) -> str | None:
         """A plain sentence when logins are suspended for these settings, else None."""
+        self._material = material
         record = self.store.get(self.key) or {}
         self._status = record.get("status")
         if record.get("status") != "credentials_rejected":
@@ -75,8 +77,11 @@ class AuthGuard:
 
     def unreachable(self, message: str) -> None:
         """The service could not be reached (connection refused, timeout, proxy, TLS). Recorded for the sync
-        health page; it never replaces a rejection recorded by this hook (that one keeps logins suspended)."""
+        health page; it never replaces a rejection that keeps logins suspended, whether this hook recorded it
+        or another task on the same connection did since this one checked."""
         if self._rejected_here or self._status == "unreachable":
+            return
+        if self._material is not None and self.check(self._material):
             return
         self.store.set(self.key, {"status": "unreachable", "at": self.clock().isoformat(), "message": message[:300]})
         self._status = "unreachable"
