@@ -1,5 +1,6 @@
 # Two commands a new user needs:  make demo  (the main job on the simulators)  and  make test  (all tests).
-# make demo DEMO_SOURCE=azure  runs the demo with Defender for IoT in Azure (the Azure simulator) as the source.
+# make demo DEMO_SOURCE=azure  runs the demo with Defender for IoT in Azure (the Azure simulator) as the source;
+# make demo DEMO_ARGS="--duration 300" (or --check) passes options to scripts/demo.py (see its --help).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -16,7 +17,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt pyproj
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/python scripts/demo.py $(if $(DEMO_SOURCE),--source $(DEMO_SOURCE))
+	$(BIN)/python scripts/demo.py $(if $(DEMO_SOURCE),--source $(DEMO_SOURCE)) $(DEMO_ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q -ra

@@ -211,6 +211,7 @@ def defender_device_sync():
         context = get_current_context()
         context["defender_source"] = source
         store = asset_state_store[SYNC_STATE]
+        label = {"cves": "CVEs"}.get(kind, kind.capitalize())
 
         def failed(message: str) -> str:
             log.error(message)
@@ -231,13 +232,13 @@ def defender_device_sync():
                 retire_after_missing_runs=RETIRE_AFTER_MISSING_RUNS, sync_relations=SYNC_RELATIONS,
                 retention_days=RELATION_RETENTION_DAYS, cve_min_score=CVE_MIN_SCORE).run()
         except NOT_RETRYABLE as exc:
-            raise AirflowFailException(failed(f"{kind.capitalize()} of {source} failed: {exc}")) from None
+            raise AirflowFailException(failed(f"{label} of {source} failed: {exc}")) from None
         except AirflowNotFoundException as exc:
-            raise AirflowFailException(failed(f"{kind.capitalize()} of {source} failed: {exc}")) from None
+            raise AirflowFailException(failed(f"{label} of {source} failed: {exc}")) from None
         except IntegrationError as exc:
-            raise AirflowException(failed(f"{kind.capitalize()} of {source} failed: {exc}")) from None
+            raise AirflowException(failed(f"{label} of {source} failed: {exc}")) from None
         except Exception as exc:
-            failed(f"{kind.capitalize()} of {source} failed: {type(exc).__name__}")
+            failed(f"{label} of {source} failed: {type(exc).__name__}")
             raise
         return summary.as_dict()
 

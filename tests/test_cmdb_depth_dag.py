@@ -61,3 +61,17 @@ def test_relations_can_be_turned_off(airflow_db, monkeypatch, defender_sim_facto
     assert not [r for r in servicenow_conn.sim.table("cmdb_rel_ci") if r["type"] == type_id]
     assert not defender.sim.counters()["by_route"].get("GET /api/v1/devices/connections")
     assert len(servicenow_conn.sim.table("cmdb_ci_nids")) == 1   # sensors still sync
+
+
+@pytest.mark.airflow_db
+def test_a_failed_cves_task_says_cves_in_its_failure(airflow_db, monkeypatch, defender_sim_factory, servicenow_conn,
+                                                     capfd):
+    defender = defender_sim_factory(mode="sensor", devices=10, conn_id="depthdag_cves")
+    monkeypatch.setenv("DEFENDER_SOURCES", "depthdag_cves")
+    defender.sim.set_faults(fail_next={"status": 500, "count": 10**6, "path_prefix": "/api/v1/devices/cves"})
+    dagrun = run_dag()
+    states = task_states(dagrun)
+    assert states["sync_source[0]"] == "success" and states["sync_cves[0]"] == "failed"
+    out, err = capfd.readouterr()
+    summary = next(line for line in (out + err).splitlines() if "source(s) synced" in line and "FAILED" in line)
+    assert "cves of depthdag_cves (CVEs of depthdag_cves failed: " in summary   # not "Cves of"

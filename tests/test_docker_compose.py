@@ -114,6 +114,18 @@ def test_every_compose_variable_is_documented_in_env_example():
             assert any(lines[j].startswith("#") for j in range(max(0, i - 3), i)), line
 
 
+def test_every_setting_the_package_reads_reaches_the_containers():
+    """Only the variables listed in x-airflow-common's environment reach the containers: a setting the
+    package reads but compose does not pass is silently ignored when set in .env."""
+    read = set()
+    for path in (ROOT / "plugins" / "defender_servicenow").rglob("*.py"):
+        read |= set(re.findall(r'"((?:DEFENDER|SERVICENOW|AIRFLOW_API)_[A-Z_]+)"', path.read_text()))
+    assert {"DEFENDER_SOURCES", "DEFENDER_ALERT_RECONCILE_HOURS"} <= read
+    passed = set(COMPOSE["x-airflow-common"]["environment"])
+    assert not read - passed, f"read by the package but not passed by docker-compose.yaml: {sorted(read - passed)}"
+    assert not read - set(_env_example()), f"not documented in .env.example: {sorted(read - set(_env_example()))}"
+
+
 def test_env_example_has_no_real_secrets():
     example = _env_example()
     for name in ("AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET", "POSTGRES_PASSWORD", "_AIRFLOW_WWW_USER_PASSWORD"):
@@ -124,7 +136,9 @@ def test_env_example_has_no_real_secrets():
                                           "SERVICENOW_CONN_ID", "DEFENDER_FORWARDING_RULES_FILE",
                                           "DEFENDER_ALERT_POLL_SECONDS", "DEFENDER_ALERT_LOOKBACK_MINUTES",
                                           "DEFENDER_ALERT_SAFETY_RUN_MINUTES", "DEFENDER_RETIRE_AFTER_MISSING_RUNS",
-                                          "DEFENDER_HANDLE_ALERTS_ON_CLOSE"])
+                                          "DEFENDER_HANDLE_ALERTS_ON_CLOSE", "DEFENDER_SYNC_MATCH_BY_NAME",
+                                          "DEFENDER_ALERT_RECONCILE_HOURS", "SERVICENOW_AUTH_COOLDOWN_MINUTES",
+                                          "DEFENDER_AUTH_COOLDOWN_MINUTES"])
 def test_env_example_defaults_pass_the_settings_validation(settings_var):
     from defender_servicenow import settings
 
@@ -137,7 +151,11 @@ def test_env_example_defaults_pass_the_settings_validation(settings_var):
               "DEFENDER_ALERT_LOOKBACK_MINUTES": settings.alert_lookback_minutes,
               "DEFENDER_ALERT_SAFETY_RUN_MINUTES": settings.alert_safety_run_minutes,
               "DEFENDER_RETIRE_AFTER_MISSING_RUNS": settings.retire_after_missing_runs,
-              "DEFENDER_HANDLE_ALERTS_ON_CLOSE": settings.handle_alerts_on_close}[settings_var]
+              "DEFENDER_HANDLE_ALERTS_ON_CLOSE": settings.handle_alerts_on_close,
+              "DEFENDER_SYNC_MATCH_BY_NAME": settings.sync_match_by_name,
+              "DEFENDER_ALERT_RECONCILE_HOURS": settings.alert_reconcile_hours,
+              "SERVICENOW_AUTH_COOLDOWN_MINUTES": settings.servicenow_auth_cooldown_minutes,
+              "DEFENDER_AUTH_COOLDOWN_MINUTES": settings.defender_auth_cooldown_minutes}[settings_var]
     getter(example)  # raises ConfigError on an invalid example value
 
 
