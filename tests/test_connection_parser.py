@@ -48,3 +48,22 @@ def test_the_parser_names_the_field():
 
     with pytest.raises(Exception, match="control characters"):
         parse_defender_connection(Conn())
+
+
+@pytest.mark.parametrize("host", ["https://admin:Hunter2-secret@sn.example.com", "admin:Hunter2-secret@sn.example.com",
+                                  "https://Hunter2-secret@10.1.0.2:443"])
+def test_credentials_written_into_a_host_are_refused_without_showing_them(host):
+    """A host such as https://user:password@instance would be kept in the base URL, which error messages and
+    logs show: every parser refuses it, naming the field, never echoing the host."""
+    from types import SimpleNamespace
+
+    from defender_servicenow.hooks.azure_connection import parse_azure_connection
+    from defender_servicenow.hooks.servicenow_connection import parse_connection
+
+    conn = SimpleNamespace(conn_id="c", host=host, port=None, login="u", password="p", extra_dejson={})
+    for parse in (parse_connection, parse_defender_connection,
+                  lambda _: parse_azure_connection("c", "client", "secret", {"tenant_id": "t", "subscriptions": ["s"],
+                                                                             "resource_manager": host})):
+        with pytest.raises(Exception, match="user name or password") as caught:
+            parse(conn)
+        assert "Hunter2-secret" not in str(caught.value)

@@ -55,6 +55,20 @@ def parse_verify(value: Any, *, field: str = "verify") -> bool | str:
     return text  # a CA bundle path
 
 
+def has_userinfo(url: str) -> bool:
+    """Does ``url`` (with or without a scheme) carry ``user[:password]@`` before its host? Such a URL must
+    not be kept: the host goes into error messages and logs."""
+    from urllib.parse import urlsplit
+
+    text = url.strip()
+    netloc = urlsplit(text if "://" in text else f"https://{text}").netloc
+    return "@" in netloc
+
+
+USERINFO_HINT = ("holds a user name or password (user:password@ before the host); remove it and put the "
+                 "credentials in the connection's own fields")
+
+
 def parse_number(value: Any, default: float | None, *, field: str, minimum: float = 0) -> float | None:
     """A positive number from an extra that may be an int, a float or a string from the UI form."""
     if value is None or (isinstance(value, str) and not value.strip()):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from defender_servicenow.exceptions import ConfigError, DefenderAuthError, DefenderBadResponseError
-from defender_servicenow.hooks._http import parse_number, parse_verify
+from defender_servicenow.hooks._http import USERINFO_HINT, has_userinfo, parse_number, parse_verify
 
 DEFAULT_AUTHORITY = "https://login.microsoftonline.com"
 DEFAULT_RESOURCE_MANAGER = "https://management.azure.com"
@@ -69,6 +69,8 @@ def _names(value: Any, field: str, conn_id: str) -> tuple[str, ...]:
 
 def _url(value: Any, default: str, field: str, conn_id: str) -> str:
     text = str(value or "").strip().rstrip("/") or default
+    if has_userinfo(text):
+        raise ConfigError(f"Connection {conn_id!r}: extra {field!r} {USERINFO_HINT} (Login, Password)")
     if not text.startswith(("https://", "http://")):
         raise ConfigError(f"Connection {conn_id!r}: extra {field!r} is {text[:80]!r}; give a URL such as {default}")
     return text

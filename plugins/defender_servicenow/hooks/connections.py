@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from defender_servicenow.exceptions import ConfigError
-from defender_servicenow.hooks._http import parse_number, parse_verify
+from defender_servicenow.hooks._http import USERINFO_HINT, has_userinfo, parse_number, parse_verify
 
 SENSOR = "sensor"
 MANAGEMENT_CONSOLE = "management_console"
@@ -57,6 +57,8 @@ def parse_defender_connection(conn: Any, conn_id: str | None = None) -> Defender
     host = (conn.host or "").strip().rstrip("/")
     if not host:
         raise ConfigError(f"Connection {cid!r} has no host; set it to the appliance URL, e.g. https://10.1.0.2")
+    if has_userinfo(host):
+        raise ConfigError(f"Connection {cid!r}: the host {USERINFO_HINT} (the API token goes in Password)")
     if "://" not in host:
         host = f"https://{host}"
     if conn.port and urlsplit(host).port is None:

@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from defender_servicenow.exceptions import ServiceNowAuthError, ServiceNowError
-from defender_servicenow.hooks._http import parse_number, parse_verify
+from defender_servicenow.hooks._http import USERINFO_HINT, has_userinfo, parse_number, parse_verify
 
 AUTH_TYPES = ("oauth_password", "oauth_client_credentials", "basic")
 
@@ -48,6 +48,8 @@ def parse_connection(conn: Any) -> ServiceNowSettings:
     if not host:
         raise ServiceNowError(f"Connection {cid!r} has no host: set it to the instance URL, "
                               "e.g. https://dev12345.service-now.com")
+    if has_userinfo(host):
+        raise ServiceNowError(f"Connection {cid!r}: the host {USERINFO_HINT} (Login, Password)")
     if "://" not in host:
         host = "https://" + host
     parts = urlsplit(host)
