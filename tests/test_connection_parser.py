@@ -67,3 +67,21 @@ def test_credentials_written_into_a_host_are_refused_without_showing_them(host):
         with pytest.raises(Exception, match="user name or password") as caught:
             parse(conn)
         assert "Hunter2-secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", float("nan")])
+def test_a_timeout_that_is_not_a_finite_number_is_refused(value):
+    """float() reads 'nan' and 'inf'; as a timeout they would make every request fail or wait forever."""
+    from types import SimpleNamespace
+
+    from defender_servicenow.hooks.servicenow_connection import parse_connection
+
+    for extra in ({"timeout": value}, {"requests_per_hour": value}):
+        conn = SimpleNamespace(conn_id="c", host="sn.example.com", port=None, login="u", password="p",
+                               extra_dejson=extra)
+        with pytest.raises(Exception, match="not a finite number"):
+            parse_connection(conn)
+    conn = SimpleNamespace(conn_id="c", host="10.1.0.2", port=None, login=None, password="tok",
+                           extra_dejson={"timeout": value})
+    with pytest.raises(Exception, match="not a finite number"):
+        parse_defender_connection(conn)

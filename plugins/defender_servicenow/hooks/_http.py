@@ -17,6 +17,7 @@ Retry policy (:class:`SafeRetry`):
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -77,6 +78,8 @@ def parse_number(value: Any, default: float | None, *, field: str, minimum: floa
         number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"extra {field}={value!r} is not a number") from None
+    if not math.isfinite(number):   # float("nan") and float("inf") parse, but no timeout or rate is infinite
+        raise ValueError(f"extra {field}={value!r} is not a finite number")
     if number <= minimum:
         raise ValueError(f"extra {field}={value!r} must be greater than {minimum:g}")
     return number
