@@ -708,3 +708,13 @@ def test_state_shards_fit_the_store_limit_at_200k_devices_per_source():
     assert max(sizes) <= limit and sum(map(len, (v for k, v in store.data.items() if "/devices/" in k))) == 200_000
     again = SourceState(store, "sensor_a", max_value_bytes=limit)         # the count is recorded in the meta
     assert again.shards == state.shards > 128 and len(again) == 200_000 and again.get("199999")[1] == f"{199999:032x}"
+
+
+def test_a_dry_run_with_nothing_to_send_does_not_point_at_a_preview():
+    from defender_servicenow.sync_summary import SyncSummary
+
+    nothing = SyncSummary(source="s", dry_run=True)
+    assert "no device would be sent to the IRE" in nothing.line() and "preview above" not in nothing.line()
+    some = SyncSummary(source="s", dry_run=True, would_send=3)
+    assert "the IRE preview above is for 3 devices" in some.line()
+    assert "dry run" not in SyncSummary(source="s").line()

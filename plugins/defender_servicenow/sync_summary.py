@@ -32,8 +32,9 @@ class SyncSummary:
     def line(self) -> str:
         """The final log line: source, the counts, duration."""
         counts = " ".join(f"{name}={getattr(self, name)}" for name in self.COUNTS)
-        extra = (f" (dry run, nothing written: the IRE preview above is for {self.would_send} devices; "
-                 f"would retire {self.would_retire})") if self.dry_run else ""
+        preview = (f"the IRE preview above is for {self.would_send} devices" if self.would_send
+                   else "no device would be sent to the IRE")
+        extra = f" (dry run, nothing written: {preview}; would retire {self.would_retire})" if self.dry_run else ""
         return f"Last sync of {self.source}: {counts} duration={self.duration:.1f}s{extra}"
 
     def as_dict(self) -> dict:
