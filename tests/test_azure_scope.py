@@ -179,3 +179,21 @@ def test_forwarded_cloud_alerts_carry_their_device_and_sensor_for_one_query_per_
     before = az.sim.counters["arg"]
     DefenderIoTAzureHook(az.conn_id).get_alerts(state="unhandled")   # the closed loop needs no placement
     assert az.sim.counters["arg"] - before == pages
+
+
+def test_addresses_match_in_any_spelling():
+    from defender_servicenow.azure_models import address_key
+
+    assert address_key("FE80:0:0::1") == address_key("fe80::1") == "fe80::1"
+    assert address_key(" 10.0.0.5 ") == "10.0.0.5"
+    assert address_key("00-1B-1B-00-00-01") == address_key("00:1b:1b:00:00:01") == address_key("001b.1b00.0001") \
+        == address_key("001B1B000001") == "00:1b:1b:00:00:01"
+    assert address_key("plc-7.plant") == "plc-7.plant" and address_key(None) == ""
+    s1 = {"name": "sensor-1", "site": "plant-a", "zone": "line-1"}
+    devices = {"/d/plc": {"id": "/d/plc", "properties": {"sensor": s1, "nics": [
+        {"ipv6Address": "2001:db8:0:0::5", "macAddress": "00:1B:1B:00:00:01"}]}},
+               "/d/hmi": {"id": "/d/hmi", "properties": {"nics": [{"ipv4Address": "10.0.0.9"}]}}}
+    alert = _raw_alert(["/d/hmi", "/d/plc"], "2001:DB8::5", "10.0.0.9")
+    assert place_alert(alert, devices) == ("/d/plc", "/d/hmi", s1)
+    alert = _raw_alert(["/d/hmi", "/d/plc"], "00-1b-1b-00-00-01", "10.0.0.9")
+    assert place_alert(alert, devices) == ("/d/plc", "/d/hmi", s1)

@@ -20,6 +20,8 @@ A record that cannot be used becomes an :class:`InvalidRecord` with a reason; no
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import re
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -178,10 +180,30 @@ def alert_device_ids(raw: Any) -> list[str]:
     return list(first.values())
 
 
+_MAC = re.compile(r"^[0-9a-f]{2}([-:.]?)[0-9a-f]{2}(?:\1[0-9a-f]{2}){4}$|^[0-9a-f]{4}\.[0-9a-f]{4}\.[0-9a-f]{4}$")
+
+
+def address_key(value: Any) -> str:
+    """One spelling per address, for comparing an alert's addresses with a device's NICs: an IP in its
+    compressed form (``fe80:0:0::1`` = ``fe80::1``), a MAC as lower-case colon pairs (``00-1B-…`` =
+    ``00:1b:…``, also Cisco's ``001b.1b00.0001``); anything else lower-cased ('' for nothing)."""
+    text = str(value or "").strip().lower()
+    if not text:
+        return ""
+    try:
+        return ipaddress.ip_address(text.split("%", 1)[0]).compressed
+    except ValueError:
+        pass
+    if _MAC.match(text):
+        digits = re.sub(r"[-:.]", "", text)
+        return ":".join(digits[i:i + 2] for i in range(0, 12, 2))
+    return text
+
+
 def _device_addresses(record: Any) -> set[str]:
     props = record.get("properties") if isinstance(record, Mapping) else None
     nics = props.get("nics") if isinstance(props, Mapping) else None
-    return {str(n[k]).strip().lower() for n in nics or [] if isinstance(n, Mapping)
+    return {address_key(n[k]) for n in nics or [] if isinstance(n, Mapping)
             for k in ("ipv4Address", "ipv6Address", "macAddress") if n.get(k)}
 
 
@@ -196,8 +218,7 @@ def place_alert(raw: Any, devices: Mapping[str, Any]) -> tuple[str | None, str |
     ids = alert_device_ids(raw)
     ext = raw["properties"].get("extendedProperties") if isinstance(raw.get("properties"), Mapping) else None
     ext = ext if isinstance(ext, Mapping) else {}
-    src_addr = str(ext.get("SourceDeviceAddress") or "").strip().lower()
-    dst_addr = str(ext.get("DestinationDeviceAddress") or "").strip().lower()
+    src_addr, dst_addr = address_key(ext.get("SourceDeviceAddress")), address_key(ext.get("DestinationDeviceAddress"))
     found = {rid: devices.get(rid.lower()) for rid in ids}
     source = next((rid for rid, rec in found.items() if src_addr and src_addr in _device_addresses(rec)), None)
     destination = next((rid for rid, rec in found.items()
