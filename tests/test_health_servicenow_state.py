@@ -80,7 +80,14 @@ def test_unreachable_then_rejected_then_ok(airflow_db, monkeypatch, defender_sim
 
 
 class _Store(dict):
+    reads = writes = 0
+
+    def get(self, key, default=None):
+        self.reads += 1
+        return super().get(key, default)
+
     def set(self, key, value):
+        self.writes += 1
         self[key] = value
 
 
@@ -121,3 +128,30 @@ def test_unreachable_never_replaces_a_rejection_another_task_recorded_meanwhile(
     assert other.check("new settings") is None
     other.unreachable("POST /x could not reach sn.example (ConnectTimeout)")
     assert store["servicenow:sn"]["status"] == "unreachable"
+
+
+def test_a_working_task_clears_an_unreachable_another_task_recorded_after_its_check():
+    """Task B checked (ok) and works; task A then finds the instance unreachable. B's later successes put
+    the record back to ok within a minute (before, the page showed 'unreachable' until the next run)."""
+    from datetime import datetime, timedelta, timezone
+
+    from defender_servicenow.hooks.lockout import RECHECK, AuthGuard
+
+    now = [datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)]
+    store = _Store({"servicenow:sn": {"status": "ok", "at": "2026-03-01T11:00:00+00:00"}})
+    working, cut_off = (AuthGuard(store, "servicenow", "sn", cooldown_minutes=30, clock=lambda: now[0])
+                        for _ in range(2))
+    assert working.check("settings") is None and cut_off.check("settings") is None
+    working.accepted()
+    cut_off.unreachable("POST /x could not reach sn.example (ConnectTimeout)")
+    reads = store.reads
+    working.accepted()                                     # within RECHECK: no read, no write
+    assert store["servicenow:sn"]["status"] == "unreachable" and store.reads == reads
+    now[0] += RECHECK + timedelta(seconds=1)
+    working.accepted()
+    assert store["servicenow:sn"]["status"] == "ok"
+    now[0] += timedelta(seconds=5)
+    writes = store.writes
+    for _ in range(100):                                   # a busy task: no read or write per request
+        working.accepted()
+    assert store.writes == writes and store.reads == reads + 1

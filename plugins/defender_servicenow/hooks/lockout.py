@@ -19,6 +19,7 @@ from typing import Any
 
 AUTH_ASSET = "defender_servicenow_auth"
 ROUNDS = 200_000
+RECHECK = timedelta(seconds=60)   # how often a working hook re-reads the record another task may have changed
 
 
 def _fingerprint(material: str, salt: str) -> str:
@@ -47,12 +48,13 @@ class AuthGuard:
         self._status: str | None = None
         self._rejected_here = False
         self._material: str | None = None
+        self._read_at: datetime | None = None
 
     def check(self, material: str) -> str | None:
         """A plain sentence when logins are suspended for these settings, else None."""
         self._material = material
         record = self.store.get(self.key) or {}
-        self._status = record.get("status")
+        self._status, self._read_at = record.get("status"), self.clock()
         if record.get("status") != "credentials_rejected":
             return None
         try:
@@ -87,6 +89,12 @@ class AuthGuard:
         self._status = "unreachable"
 
     def accepted(self) -> None:
+        """An accepted answer: the record says ``ok`` (written only when it said something else; re-read at
+        most every :data:`RECHECK`, so that an ``unreachable`` another task recorded meanwhile does not outlive
+        this task's successes)."""
+        now = self.clock()
+        if self._status == "ok" and (self._read_at is None or now - self._read_at >= RECHECK):
+            self._status, self._read_at = (self.store.get(self.key) or {}).get("status"), now
         if self._status != "ok":
             self.store.set(self.key, {"status": "ok", "at": self.clock().isoformat(),
                                       "message": "credentials accepted"})
