@@ -20,6 +20,10 @@ The distributed engine (tests/test_distributed.py) uses the same class with othe
 celery worker -H <name>``; its task instances report ``<name>`` as their hostname through ``[core]
 hostname_callable``, since every process here shares one machine's hostname) and ``sources`` (one
 Defender simulator per source, e.g. two sensors and a console).
+
+The Airflow REST API helpers (token, ``trigger``, ``wait_for_run``, ...) are in ``scripts/stack_api.py``
+(a mixin of :class:`Stack`; ``StackError``, ``wait_until`` and ``DAG_IDS`` are importable from here too),
+the process-group handling (``stop_stale``) in ``scripts/stack_procs.py``.
 """
 
 from __future__ import annotations
@@ -32,8 +36,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,15 +43,19 @@ import requests
 import yaml
 
 from scripts.services import Managed
+from scripts.stack_api import (  # noqa: F401  (DAG_IDS, StackError, wait_until re-exported for callers)
+    DAG_IDS,
+    USERNAME,
+    AirflowApi,
+    StackError,
+    wait_until,
+)
+from scripts.stack_procs import PIDS_FILE, _descendants, _pgid_or_none, _signal_group, stop_stale
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-DAG_IDS = ("defender_device_sync", "defender_alert_forwarding", "defender_servicenow_cleanup")
 SERVICENOW_CONN_ID = "servicenow_default"
 DEFENDER_CONN_ID = "defender_iot_default"
-USERNAME = "admin"
-PIDS_FILE = "stack-pids.json"
-FINAL_STATES = {"success", "failed"}
 AZURE = "azure"   # SourceSpec.mode of a Defender for IoT in Azure source (the Azure simulator)
 
 # Forward every alert as an incident, and Major and above also to the Defender for IoT application table.
@@ -63,10 +69,6 @@ DEMO_RULES = {
          "actions": [{"type": "servicenow", "report_type": "defender_for_iot_application"}]},
     ]
 }
-
-
-class StackError(RuntimeError):
-    """The stack could not start or did not reach the expected state in time."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ class _Proc:
     marker: str  # a word in its command line (checked before killing a stale process from an earlier run)
 
 
-class Stack(Managed):
+class Stack(AirflowApi, Managed):
     def __init__(self, options: StackOptions):
         self.options = options
         self.home = options.home.resolve()
@@ -367,91 +369,6 @@ class Stack(Managed):
                 raise StackError(f"the {what} did not answer {url} in time; see the logs in {self.logs_dir}")
             time.sleep(0.5)
 
-    # ------------------------------------------------------------------ Airflow REST API
-
-    def _headers(self) -> dict[str, str]:
-        if self._token is None:
-            try:
-                resp = self._http.post(f"{self.api_url}/auth/token", timeout=10,
-                                       json={"username": USERNAME, "password": self.password})
-            except requests.RequestException:
-                return {}
-            if resp.status_code != 201:
-                return {}
-            self._token = resp.json()["access_token"]
-        return {"Authorization": f"Bearer {self._token}"}
-
-    def api(self, method: str, path: str, **kwargs) -> requests.Response:
-        """Call the Airflow REST API (``path`` like ``/api/v2/dags``) with a token from POST /auth/token."""
-        resp = self._http.request(method, f"{self.api_url}{path}", headers=self._headers(), timeout=30, **kwargs)
-        if resp.status_code == 401:  # token expired: get a new one once
-            self._token = None
-            resp = self._http.request(method, f"{self.api_url}{path}", headers=self._headers(), timeout=30,
-                                      **kwargs)
-        return resp
-
-    def api_json(self, method: str, path: str, **kwargs) -> dict:
-        resp = self.api(method, path, **kwargs)
-        if resp.status_code >= 400:
-            raise StackError(f"{method} {path} answered {resp.status_code}: {resp.text[:300]}")
-        return resp.json()
-
-    def wait_for_dags(self, dag_ids=DAG_IDS, timeout: float = 240.0) -> dict[str, dict]:
-        """Wait until the DAG processor has parsed ``dag_ids`` (or reported import errors); unpause them."""
-        def ready():
-            dags = {d["dag_id"]: d for d in self.api_json("GET", "/api/v2/dags", params={"limit": 100})["dags"]}
-            self.raise_on_import_errors()
-            return dags if all(d in dags for d in dag_ids) else None
-
-        dags = wait_until(ready, timeout, f"DAGs {', '.join(dag_ids)} to be parsed")
-        for dag_id in dag_ids:
-            if dags[dag_id].get("is_paused"):
-                self.api_json("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": False})
-        return dags
-
-    def import_errors(self) -> list[dict]:
-        return self.api_json("GET", "/api/v2/importErrors")["import_errors"]
-
-    def raise_on_import_errors(self) -> None:
-        """StackError naming each DAG file that does not import and the last line of its error."""
-        errors = self.import_errors()
-        if errors:
-            raise StackError("DAG import errors: " + "; ".join(
-                f"{e['filename']}: {e['stack_trace'].strip().splitlines()[-1]}" for e in errors))
-
-    def trigger(self, dag_id: str, conf: dict | None = None) -> str:
-        """Start a run; a 500 "Database error" (a lock on a busy SQLite) is retried under the same run id, so a
-        retry can never start a second run (409: the first attempt did create it)."""
-        run_id = f"manual__stack_{uuid.uuid4().hex[:12]}"
-        body = {"dag_run_id": run_id, "logical_date": None, "conf": conf or {}}
-        for attempt in range(3):
-            resp = self.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", json=body)
-            if resp.status_code in (200, 201) or (resp.status_code == 409 and attempt):
-                return run_id
-            if resp.status_code != 500 or "Database error" not in resp.text:
-                break
-            time.sleep(2)
-        raise StackError(f"POST /api/v2/dags/{dag_id}/dagRuns answered {resp.status_code}: {resp.text[:300]}")
-
-    def run_state(self, dag_id: str, run_id: str) -> str:
-        return self.api_json("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"]
-
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 300.0) -> str:
-        """Wait until the run is finished; return its final state."""
-        return wait_until(lambda: (s := self.run_state(dag_id, run_id)) in FINAL_STATES and s,
-                          timeout, f"run {run_id} of {dag_id} to finish")
-
-    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
-        return self.api_json("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
-
-    def task_log_files(self, dag_id: str, run_id: str) -> list[Path]:
-        """The task log files of a run (``<home>/logs/dag_id=…/run_id=…/task_id=…/[map_index=…/]attempt=N.log``)."""
-        return sorted((self.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}").rglob("attempt=*.log"))
-
-    def runs(self, dag_id: str) -> list[dict]:
-        return self.api_json("GET", f"/api/v2/dags/{dag_id}/dagRuns",
-                             params={"limit": 100, "order_by": "-run_after"})["dag_runs"]
-
     # ------------------------------------------------------------------ simulators
 
     @property
@@ -539,70 +456,3 @@ def azure_connection(url: str, name: str) -> dict:
 
 def alert_key(alert: dict) -> str:
     return f"{DEFENDER_CONN_ID}:{alert['id']}"
-
-
-def wait_until(check: Callable, timeout: float, what: str, interval: float = 1.0):
-    """Call ``check`` until it returns something truthy (returned); StackError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise StackError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-# ---------------------------------------------------------------------- process groups
-
-
-def _pgid_or_none(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except (ProcessLookupError, PermissionError):
-        return None
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _descendants(roots: set[int]) -> set[int]:
-    """Every live descendant of ``roots`` (from /proc; empty where /proc is not available)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), list(roots)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def stop_stale(home: Path) -> None:
-    """Stop the processes a previous run with this ``home`` left behind (e.g. after ``kill -9`` of the demo).
-
-    Only pids recorded in ``<home>/stack-pids.json`` whose command line still contains the recorded
-    marker (so a recycled pid is never touched) are signalled, by process group.
-    """
-    pids_file = home / PIDS_FILE
-    if not pids_file.exists():
-        return
-    for pid, marker in json.loads(pids_file.read_text()).values():
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline and _pgid_or_none(pid) == pid:
-            for pgid in {pid} | {p for d in _descendants({pid}) if (p := _pgid_or_none(d))}:
-                _signal_group(pgid, signal.SIGKILL)
-    pids_file.unlink(missing_ok=True)

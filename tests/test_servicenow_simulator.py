@@ -480,6 +480,32 @@ def test_ire_item_time_is_reported_as_delay(servicenow_sim):
     assert reply.delay == pytest.approx(0.04)
 
 
+# --------------------------------------------------------------------------- CMDB Instance API
+def test_cmdb_instance_create_read_update_list_and_errors(servicenow_sim):
+    url = f"{servicenow_sim.url}/api/now/cmdb/instance/cmdb_ci_ot_plc"
+    made = requests.post(url, json={"source": "Other Automated", "attributes": {"name": "plc-ci-1"}},
+                         auth=AUTH, timeout=10)
+    assert made.status_code == 200, made.text
+    sys_id = made.json()["result"]["attributes"]["sys_id"]
+    assert made.json()["result"]["attributes"]["name"] == "plc-ci-1"
+    again = requests.post(url, json={"source": "Other Automated", "attributes": {"name": "plc-ci-1"}},
+                          auth=AUTH, timeout=10)
+    assert again.json()["result"]["attributes"]["sys_id"] == sys_id  # identified by name, not a second CI
+    patched = requests.patch(f"{url}/{sys_id}", json={"source": "Other Automated",
+                                                      "attributes": {"serial_number": "SN-9"}}, auth=AUTH, timeout=10)
+    assert patched.status_code == 200 and patched.json()["result"]["attributes"]["serial_number"] == "SN-9"
+    read = requests.get(f"{url}/{sys_id}", auth=AUTH, timeout=10).json()["result"]
+    assert read["outbound_relations"] == [] and read["inbound_relations"] == []
+    listed = requests.get(url, auth=AUTH, timeout=10).json()["result"]
+    assert listed == [{"sys_id": sys_id, "name": "plc-ci-1"}]
+    bad_source = requests.post(url, json={"source": "Nope", "attributes": {"name": "x"}}, auth=AUTH, timeout=10)
+    assert bad_source.status_code == 400 and "Nope" in bad_source.text
+    missing = requests.get(f"{url}/{'0' * 32}", auth=AUTH, timeout=10)
+    assert missing.status_code == 404
+    not_ci = requests.get(f"{servicenow_sim.url}/api/now/cmdb/instance/incident", auth=AUTH, timeout=10)
+    assert not_ci.status_code == 400
+
+
 # --------------------------------------------------------------------------- Import Set API
 def test_import_set_row_results(servicenow_sim):
     url = f"{servicenow_sim.url}/api/now/import/u_defender_iot_alert_import"

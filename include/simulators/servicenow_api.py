@@ -2,7 +2,7 @@
 :class:`~include.simulators.servicenow_base.Reply`: request routing, the Table API (with its record
 rendering and paging links), the Batch API and the Import Set API. A mixin of
 :class:`~include.simulators.servicenow_core.Simulator` (it uses the instance's store, query and faults);
-the IRE and CMDB Instance APIs are in ``servicenow_ire``."""
+the IRE API is in ``servicenow_ire``, the CMDB Instance API in ``servicenow_cmdb_instance``."""
 
 from __future__ import annotations
 
@@ -97,6 +97,7 @@ class ApiMixin:
     def dispatch(self, method: str, path: str, params: list[tuple[str, str]], body: bytes, headers: dict,
                  user: str, base: str) -> Reply:
         """Route one authenticated /api/now request (also used for Batch API items)."""
+        from include.simulators import servicenow_cmdb_instance as cmdb_instance
         from include.simulators import servicenow_ire as ire
 
         method = headers.get("x-http-method-override", method).upper()
@@ -113,7 +114,7 @@ class ApiMixin:
             return self.import_api(method, m.group(1), m.group(2), body, headers, user, base)
         m = re.match(r"^/api/now(?:/v1)?/cmdb/instance/([^/]+)(?:/([^/]+))?/?$", path)
         if m:
-            return ire.cmdb_instance(self, method, m.group(1), m.group(2), dict(params), body, headers, user, base)
+            return cmdb_instance.cmdb_instance(self, method, m.group(1), m.group(2), dict(params), body, headers, user, base)
         return no_resource()
 
     @staticmethod

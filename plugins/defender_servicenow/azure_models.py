@@ -28,18 +28,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from defender_servicenow.models import (
-    Alert,
-    Device,
-    Firmware,
-    InvalidRecord,
-    _address,
-    _ips,
-    _macs,
-    _na,
-    _steps,
-    _validation_reason,
-)
+from defender_servicenow.models import Alert, Device, Firmware, InvalidRecord
+from defender_servicenow.normalize import _address, _ips, _macs, _na, _steps, _validation_reason
 
 DEVICE_TYPE = "microsoft.iotsecurity/locations/devicegroups/devices"
 ALERT_TYPE = "microsoft.iotsecurity/locations/devicegroups/alerts"
