@@ -33,6 +33,7 @@ from defender_servicenow.exceptions import (
     ServiceNowAuthError,
     ServiceNowError,
 )
+from defender_servicenow.forwarding_devices import DeviceReferences
 from defender_servicenow.forwarding_report import (  # noqa: F401  (re-exported for callers)
     Failure,
     ForwardingCredentialsError,
@@ -51,7 +52,6 @@ from defender_servicenow.forwarding_state import (  # noqa: F401  (re-exported f
     watermark_key,
 )
 from defender_servicenow.hooks.servicenow_wire import in_queries
-from defender_servicenow.hooks.servicenow_wire import sys_id_of as _ref
 from defender_servicenow.ledger import (
     LEGACY_MARGIN_MS,
     Ledger,
@@ -63,7 +63,7 @@ from defender_servicenow.ledger import (
     status_record,
 )
 from defender_servicenow.ledger_state import LedgerState
-from defender_servicenow.models import Alert, Device, InvalidRecord, datetime_to_ms, ms_to_datetime
+from defender_servicenow.models import Alert, InvalidRecord, datetime_to_ms, ms_to_datetime
 from defender_servicenow.records import (  # noqa: F401  (re-exported for callers)
     CORRELATION_DISPLAY,
     AlertContext,
@@ -90,7 +90,7 @@ def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start:start + size]
 
 
-class AlertForwarder:
+class AlertForwarder(DeviceReferences):
     """One forwarding run over one or more sources (the DAG maps one task per source).
 
     :param rules: the validated rules.
@@ -336,55 +336,6 @@ class AlertForwarder:
             at=now_iso, kind=kind, forwarded_up_to_ms=report.forwarded_up_to_ms, pending=report.pending,
             dead_letter=report.dead_letter, failure=failure, previous=previous,
             sensors=sensors if per_sensor else None))
-
-    def _devices(self, source: str, dhook, now_ms: int) -> dict[str, list]:
-        """``{device id: [name, address, [protocols]]}`` of the source, for protocol rules: read from Defender
-        at most every DEFENDER_SYNC_FREQUENCY_MINUTES, kept in ``inventory:<source>`` meanwhile."""
-        cached = self.state.get(inventory_key(source))
-        if isinstance(cached, Mapping) and 0 <= now_ms - int(cached.get("at_ms", 0)) < self.inventory_ms:
-            return dict(cached.get("devices") or {})
-        devices = {str(d.id): [d.name, next(iter(d.ip_addresses), None), list(d.protocols)]
-                   for d in dhook.iter_devices() if isinstance(d, Device)}
-        if not self.dry_run:
-            self.state.set(inventory_key(source), {"at_ms": now_ms, "devices": devices})
-        return devices
-
-    @staticmethod
-    def _device_ref(devices: Mapping[str, list], device_id: int | None, address: str | None) -> DeviceRef | None:
-        if device_id is None and not address:
-            return None
-        device = devices.get(str(device_id)) if device_id is not None else None
-        if device is None:
-            return DeviceRef(device_id, None, address)
-        name, first_address, protocols = device
-        return DeviceRef(device_id, name, address or first_address, protocols=tuple(protocols))
-
-    def _lookup_cis(self, hook, contexts: Sequence[AlertContext]) -> dict[str, tuple[str, str]]:
-        """``"<conn>:<device id>"`` -> (cmdb_ci sys_id, CI name), in bulk (one query per chunk and table)."""
-        native = sorted({f"{c.alert.source}:{ref.id}" for c in contexts for ref in (c.source, c.destination)
-                         if ref and ref.id is not None})
-        if not native:
-            return {}
-        links: dict[str, str] = {}
-        for q in in_queries("id", native, prefix=f"name={self.source_name}"):
-            for row in hook.query("sys_object_source", q, fields=["id", "target_sys_id"]):
-                if _ref(row.get("target_sys_id")):
-                    links[row.get("id")] = _ref(row.get("target_sys_id"))
-        names: dict[str, str] = {}
-        for q in in_queries("sys_id", sorted(set(links.values()))):
-            for row in hook.query("cmdb_ci", q, fields=["sys_id", "name"]):
-                names[row.get("sys_id")] = row.get("name") or ""
-        return {key: (sys_id, names.get(sys_id, "")) for key, sys_id in links.items()}
-
-    @staticmethod
-    def _enrich(ctx: AlertContext, cis: Mapping[str, tuple[str, str]]) -> AlertContext:
-        def one(ref: DeviceRef | None) -> DeviceRef | None:
-            if ref is None or ref.id is None:
-                return ref
-            ci, name = cis.get(f"{ctx.alert.source}:{ref.id}", (None, None))
-            return DeviceRef(ref.id, ref.name or name or None, ref.address, ci, ref.protocols)
-
-        return AlertContext(ctx.alert, ctx.appliance, one(ctx.source), one(ctx.destination), ctx.rules)
 
     def _existing(self, hook, dest: Destination, contexts: Sequence[AlertContext], keys_since_ms: int) -> set[str]:
         """The record keys of ``contexts`` that exist in ``dest``, including records written under the
