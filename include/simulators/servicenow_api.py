@@ -128,6 +128,17 @@ class ApiMixin:
         except (ValueError, UnicodeDecodeError):
             return None, error(400, "Exception while reading request", "The payload is not valid JSON.")
 
+    @classmethod
+    def _json_object(cls, body: bytes, headers: dict) -> tuple[dict | None, Reply | None]:
+        """A Table API write's JSON object (the first item when a list is sent), or the error reply."""
+        values, err = cls.parse_json(body, headers)
+        if err:
+            return None, err
+        values = values[0] if isinstance(values, list) and values else values
+        if not isinstance(values, dict):
+            return None, error(400, "Exception while reading request", "The payload must be a JSON object.")
+        return values, None
+
     def write_denied(self, table: str, op: str) -> Reply | None:
         deny = self.faults.deny_writes
         if "*" in deny or table in deny:
@@ -161,12 +172,9 @@ class ApiMixin:
                                  "Field(s) present in the query do not have permission to be read")
                 return self._list(version, table, params, fields, dv, excl, base)
             if method == "POST" and not sys_id:
-                values, err = self.parse_json(body, headers)
+                values, err = self._json_object(body, headers)
                 if err:
                     return err
-                values = values[0] if isinstance(values, list) and values else values
-                if not isinstance(values, dict):
-                    return error(400, "Exception while reading request", "The payload must be a JSON object.")
                 denied = self.write_denied(table, "Insert")
                 if denied:
                     return denied
@@ -184,12 +192,9 @@ class ApiMixin:
             if method in ("GET", "HEAD"):
                 return self._record_reply(200, table, rec, fields, dv, excl, base, headers)
             if method in ("PUT", "PATCH"):
-                values, err = self.parse_json(body, headers)
+                values, err = self._json_object(body, headers)
                 if err:
                     return err
-                values = values[0] if isinstance(values, list) and values else values
-                if not isinstance(values, dict):
-                    return error(400, "Exception while reading request", "The payload must be a JSON object.")
                 denied = self.write_denied(self.where[sys_id], "Update")
                 if denied:
                     return denied

@@ -190,7 +190,7 @@ class AlertForwarder(DeviceReferences):
                 valid = list({alert_key(a): a for a in valid}.values())
             todo = valid if replay else [a for a in valid if alert_key(a) not in ledger.done]
             report.seen = len(todo)
-            by_protocol = self.rules.needs_protocols and getattr(dhook, "reports_protocols", True)
+            by_protocol = self.rules.needs_protocols and dhook.reports_protocols
             if self.rules.needs_protocols and not by_protocol and todo:
                 log.warning("%s reports no device protocols (%s), so the rules that match on protocols (%s) cannot "
                             "match its alerts; the other rules apply as usual", source, kind,
